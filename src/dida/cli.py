@@ -1,0 +1,136 @@
+"""The ``dida`` command line: argparse subcommands only; each one calls a ``main_*`` function elsewhere.
+
+Every user-facing error (``DidaError``) is printed as one clear message, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (GPU when available)")
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dida",
+        description="Unsupervised domain-adaptive semantic segmentation: DIDA and DAFormer in plain PyTorch.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # ---- train
+    p = sub.add_parser("train", help="train source-only, DAFormer or DIDA from a preset or YAML")
+    p.add_argument("config", nargs="?", help="preset name (e.g. gta2cs_dida) or YAML path")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_iters=1000 run.seed=1")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from latest.pth")
+    p.add_argument("--help-config", action="store_true", help="print every config key with its default")
+    p.add_argument("--list-presets", action="store_true", help="print the shipped presets")
+    p.set_defaults(_entry="dida.engine.train:main_train")
+
+    # ---- test
+    p = sub.add_parser("test", help="evaluate a checkpoint (mIoU) on the validation split")
+    p.add_argument("config", help="preset, YAML, or run directory (uses its config.yaml)")
+    p.add_argument("checkpoint", help="dida, mmcv DIDA/DAFormer checkpoint")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.val.split=val")
+    p.add_argument("--which", choices=("model", "ema_model"), default="model", help="student or EMA teacher")
+    p.add_argument("--data-root", help="override data.val.root")
+    p.add_argument("--out", help="output folder (default: <checkpoint dir>/test)")
+    p.add_argument("--mode", choices=("whole", "slide"), help="override eval.mode")
+    p.add_argument("--save-preds", action="store_true", help="also write predictions")
+    p.add_argument("--format", choices=("color", "trainid", "cityscapes", "all"), default="all",
+                   help="what --save-preds writes: colour PNGs, train-id PNGs, Cityscapes label-id PNGs")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--allow-pickle", action="store_true", help="trust the checkpoint (unsafe unpickling)")
+    _add_runtime(p)
+    p.set_defaults(_entry="dida.engine.evaluate:main_test")
+
+    # ---- infer
+    p = sub.add_parser("infer", help="predict on your own images (overlays + label maps)")
+    p.add_argument("checkpoint")
+    p.add_argument("inputs", help="an image file or a folder of images")
+    p.add_argument("--out", default="predictions", help="output folder")
+    p.add_argument("--opacity", type=float, default=0.5, help="palette opacity of the overlay")
+    p.add_argument("--config", help="preset or YAML describing the model (default: from the checkpoint)")
+    p.add_argument("--which", choices=("model", "ema_model"), default="model")
+    p.add_argument("--img-scale", type=int, nargs=2, default=(1024, 512), metavar=("LONG", "SHORT"))
+    p.add_argument("--allow-pickle", action="store_true", help="trust the checkpoint (unsafe unpickling)")
+    _add_runtime(p)
+    p.set_defaults(_entry="dida.engine.predict:main_infer")
+
+    # ---- convert
+    p = sub.add_parser("convert", help="label ids -> train ids and rare-class statistics")
+    p.add_argument("dataset", choices=("gta", "synthia", "cityscapes"))
+    p.add_argument("root", help="dataset root (e.g. data/gta)")
+    p.add_argument("--nproc", type=int, default=4, help="parallel worker processes")
+    p.add_argument("--force", action="store_true", help="re-convert files that already exist")
+    p.set_defaults(_entry="dida.data.convert:main_convert")
+
+    # ---- bank
+    p = sub.add_parser("bank", help="instance-bank tools")
+    bank_sub = p.add_subparsers(dest="bank_command", metavar="ACTION", required=True)
+    b = bank_sub.add_parser("build", help="build a class-balanced bank from a source-trained model")
+    b.add_argument("checkpoint")
+    b.add_argument("--data", required=True, help="source dataset root (converted)")
+    b.add_argument("--dataset", choices=("gta", "synthia", "cityscapes"), default="gta")
+    b.add_argument("--size", type=int, default=300, help="number of bank entries K")
+    b.add_argument("--out", required=True, help="folder for f_buffer_s.npz and l_buffer_s.npz")
+    b.add_argument("--config", help="preset or YAML describing the model (default: from the checkpoint)")
+    b.add_argument("--which", choices=("model", "ema_model"), default="model")
+    b.add_argument("--max-images", type=int, help="stop after this many images")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--allow-pickle", action="store_true")
+    _add_runtime(b)
+    b.set_defaults(_entry="dida.uda.bank_builder:main_bank_build")
+
+    # ---- synth
+    p = sub.add_parser("synth", help="generate the synthetic domain-shift benchmark (GTA + Cityscapes layouts)")
+    p.add_argument("root", help="output folder; gets gta/ and cityscapes/")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-source", type=int, default=200)
+    p.add_argument("--num-target-train", type=int, default=200)
+    p.add_argument("--num-val", type=int, default=50)
+    p.add_argument("--size", type=int, nargs=2, default=(512, 256), metavar=("WIDTH", "HEIGHT"))
+    p.add_argument("--nproc", type=int, default=2)
+    p.set_defaults(_entry="dida.data.synthetic:main_synth")
+
+    # ---- convert-checkpoint
+    p = sub.add_parser("convert-checkpoint", help="turn an mmcv DIDA/DAFormer checkpoint into a dida one")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--allow-pickle", action="store_true", help="trust the input (unsafe unpickling)")
+    p.set_defaults(_entry="dida.checkpoint:main_convert_checkpoint")
+
+    # ---- demo
+    p = sub.add_parser("demo", help="the embedded default: synth data, train 3 methods, evaluate, report")
+    p.add_argument("--out", default="work_dirs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iters", type=int, help="override the iterations of each preset")
+    p.add_argument("--quick", action="store_true", help="a tiny smoke version (for tests)")
+    p.set_defaults(_entry="dida.engine.demo:main_demo")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from dida.errors import DidaError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module_name, func_name = args._entry.split(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(args) or 0)
+    except DidaError as e:
+        print(f"dida {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dida {args.command}: interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,387 @@
+"""The configuration schema (nested dataclasses) and ``load_config``.
+
+Flow (as in DINOv2's ``get_cfg_from_args``): structured defaults -> ``configs/base.yaml`` -> the preset
+or user YAML -> dotted command-line overrides -> validated dataclass objects. Unknown keys and wrong
+types fail before any work starts; ranges are checked by ``validate``. Constructors never see these
+objects: builders translate them into typed keyword arguments.
+
+Every default reproduces the reference (DAFormer / DIDA experiments 7 and 8, ``../shared/spec``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dida.constants import NUM_CLASSES, THING_CLASSES
+from dida.errors import ConfigError
+
+# ----------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelCfg:
+    """MiT backbone + DAFormer head. ``embed_dims``/``num_heads``/``depths`` override the variant."""
+
+    backbone: Literal["mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5"] = "mit_b5"
+    embed_dims: Optional[list[int]] = None
+    num_heads: Optional[list[int]] = None
+    depths: Optional[list[int]] = None
+    drop_path_rate: float = 0.1
+    decoder_channels: int = 256
+    aspp_dilations: list[int] = field(default_factory=lambda: [1, 6, 12, 18])
+    dropout_ratio: float = 0.1
+    num_classes: int = NUM_CLASSES
+    # ImageNet MiT weights (official .pth, HF .safetensors/.bin) for the student and the FD model.
+    pretrained: Optional[str] = None
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class DatasetCfg:
+    """One dataset and its pipeline. ``img_scale`` is mmseg's (long, short) keep-ratio scale."""
+
+    kind: Literal["gta", "synthia", "cityscapes", "folder"] = "cityscapes"
+    root: str = ""
+    split: str = "train"
+    img_scale: list[int] = field(default_factory=lambda: [1024, 512])
+    crop_size: list[int] = field(default_factory=lambda: [512, 512])  # (height, width)
+    cat_max_ratio: float = 1.0
+    flip_prob: float = 0.5
+    # Only for kind == "folder": images and labels in two folders, matched by name.
+    img_dir: str = "images"
+    label_dir: str = "labels"
+    img_suffix: str = ".png"
+    label_suffix: str = "_labelTrainIds.png"
+
+
+@dataclass
+class RareClassSamplingCfg:
+    enabled: bool = True
+    temperature: float = 0.01
+    min_pixels: int = 3000
+    min_crop_ratio: float = 0.5
+    # Default: <source root>/sample_class_stats.json and samples_with_class.json written by `dida convert`.
+    stats_dir: Optional[str] = None
+
+
+@dataclass
+class DataCfg:
+    source: DatasetCfg = field(
+        default_factory=lambda: DatasetCfg(kind="gta", img_scale=[1280, 720], cat_max_ratio=0.75)
+    )
+    target: DatasetCfg = field(default_factory=lambda: DatasetCfg(kind="cityscapes", split="train"))
+    val: DatasetCfg = field(
+        default_factory=lambda: DatasetCfg(kind="cityscapes", split="val", flip_prob=0.0)
+    )
+    rcs: RareClassSamplingCfg = field(default_factory=RareClassSamplingCfg)
+    batch_size: int = 2
+    num_workers: int = 4
+    pin_memory: bool = True
+    # Corrupt samples are logged and replaced; more than this many stops the run with the list of files.
+    max_bad_samples: int = 20
+
+
+# ------------------------------------------------------------------------------------------- UDA
+
+
+@dataclass
+class EMACfg:
+    alpha: float = 0.999
+    # Reference: the teacher's BatchNorm runs in train mode (target-batch statistics).
+    teacher_bn_eval: bool = False
+    # Reference: only parameters are averaged; BN buffers stay the teacher's own.
+    update_buffers: bool = False
+
+
+@dataclass
+class FeatureDistanceCfg:
+    enabled: bool = True
+    weight: float = 0.005
+    classes: list[int] = field(default_factory=lambda: list(THING_CLASSES))
+    scale_min_ratio: float = 0.75
+    # The reference logs NaN (and adds no gradient) when no thing cell is present; "zero" logs 0.
+    empty_mask: Literal["zero", "nan"] = "zero"
+
+
+@dataclass
+class AugmentCfg:
+    color_jitter_strength: float = 0.2
+    color_jitter_prob: float = 0.2
+    blur: bool = True
+
+
+@dataclass
+class BankCfg:
+    """DIDA's instance bank (spec 6.2-6.3)."""
+
+    init: Literal["from_file", "random"] = "from_file"
+    features_path: Optional[str] = None  # f_buffer_s.npz
+    labels_path: Optional[str] = None  # l_buffer_s.npz
+    size: int = 300  # only for init == "random"
+    momentum: float = 0.999
+    update_interval: int = 50
+    # Reference quirk: positions gathered over the whole batch, features read from image 0.
+    # "per_image" averages each image's own features over its own positions.
+    class_mean: Literal["reference", "per_image"] = "reference"
+    # Reference quirk: classes absent from the batch pull their slots towards zero. "skip" leaves them.
+    absent_classes: Literal["decay", "skip"] = "decay"
+
+
+@dataclass
+class DualLevelCfg:
+    """DIDA's cross-level interaction and instance loss (spec 6.4-6.7)."""
+
+    instance_weight: float = 0.5
+    calibrate: bool = True
+    # 1.0 (reference) disables the "scatter" refinement of the semantic pseudo-labels.
+    a_smooth: float = 1.0
+    # The reference's weak target view is a no-op; True applies it (on a copy, never in place).
+    weak_augment: bool = False
+    # Rows of pixels per chunk for the memory-bounded instance loss; 0 = direct computation.
+    chunk_rows: int = 64
+
+
+@dataclass
+class UDACfg:
+    method: Literal["source_only", "daformer", "dida"] = "daformer"
+    pseudo_threshold: float = 0.968
+    pseudo_weight_ignore_top: int = 15
+    pseudo_weight_ignore_bottom: int = 120
+    # Reference quirk: each image draws its mix classes from the union of the whole batch's labels
+    # (255 included). "per_image" draws from the image's own classes without 255.
+    mix_classes: Literal["batch_union", "per_image"] = "batch_union"
+    ema: EMACfg = field(default_factory=EMACfg)
+    feature_distance: FeatureDistanceCfg = field(default_factory=FeatureDistanceCfg)
+    augment: AugmentCfg = field(default_factory=AugmentCfg)
+    bank: BankCfg = field(default_factory=BankCfg)
+    dual_level: DualLevelCfg = field(default_factory=DualLevelCfg)
+
+
+# ---------------------------------------------------------------------------- optimisation, run
+
+
+@dataclass
+class OptimCfg:
+    lr: float = 6e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    head_lr_mult: float = 10.0
+    norm_decay_mult: float = 0.0
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    power: float = 1.0
+    min_lr: float = 0.0
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class TrainCfg:
+    max_iters: int = 40000
+    checkpoint_interval: int = 1600
+    eval_interval: int = 1600
+    log_interval: int = 50
+    debug_img_interval: int = 1000
+    keep_last: Optional[int] = None
+    skip_nonfinite: bool = False
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class EvalCfg:
+    mode: Literal["whole", "slide"] = "whole"
+    crop_size: list[int] = field(default_factory=lambda: [512, 512])
+    stride: list[int] = field(default_factory=lambda: [341, 341])
+    # Evaluate on at most this many val images during training (None: all).
+    max_images: Optional[int] = None
+
+
+@dataclass
+class RunCfg:
+    dir: str = "work_dirs/run"
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+
+
+@dataclass
+class Config:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    uda: UDACfg = field(default_factory=UDACfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    run: RunCfg = field(default_factory=RunCfg)
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped as package data (without ``.yaml``; ``base`` excluded)."""
+    files = resources.files("dida.configs")
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml") and p.name != "base.yaml")
+
+
+def _read_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML ({e}).") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}.")
+    return data
+
+
+def _preset_text(name: str) -> str:
+    return resources.files("dida.configs").joinpath(f"{name}.yaml").read_text()
+
+
+def resolve_config_source(name_or_path: str) -> tuple[str, str]:
+    """Return ``(yaml_text, description)`` for a preset name, a YAML path, or a run directory."""
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "config.yaml").is_file():
+        return (path / "config.yaml").read_text(), str(path / "config.yaml")
+    if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        if not path.is_file():
+            raise ConfigError(
+                f"{name_or_path}: no such config file. Give a YAML path, a run directory with a "
+                f"config.yaml, or one of the presets: {', '.join(preset_names())}."
+            )
+        return path.read_text(), str(path)
+    if name_or_path in preset_names():
+        return _preset_text(name_or_path), f"preset '{name_or_path}'"
+    raise ConfigError(
+        f"'{name_or_path}' is neither a preset nor an existing file. Presets: {', '.join(preset_names())}."
+    )
+
+
+def _merge_layer(cfg: Any, data: dict[str, Any], source: str) -> Any:
+    data = dict(data)
+    # A preset may name another preset to start from.
+    data.pop("inherit", None)
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.create(data))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {_omegaconf_message(e)}") from None
+
+
+def _omegaconf_message(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0]
+    if "not in struct" in msg or "Key '" in msg and "not" in msg:
+        return f"unknown key '{key}'. Check the spelling against `dida train --help-config`."
+    return f"bad value for '{key}': {msg}" if key else msg
+
+
+def _layers_for(text: str, source: str, seen: tuple[str, ...] = ()) -> list[tuple[dict[str, Any], str]]:
+    data = _read_yaml(text, source)
+    parent = data.get("inherit")
+    layers: list[tuple[dict[str, Any], str]] = []
+    if parent:
+        if parent in seen:
+            raise ConfigError(f"{source}: 'inherit' forms a cycle through '{parent}'.")
+        ptext, psource = resolve_config_source(str(parent))
+        layers += _layers_for(ptext, psource, seen + (str(parent),))
+    layers.append((data, source))
+    return layers
+
+
+def load_config(name_or_path: Optional[str] = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated ``Config``: defaults, base.yaml, the preset/YAML (and what it inherits), overrides."""
+    cfg = OmegaConf.structured(Config)
+    cfg = _merge_layer(cfg, _read_yaml(_preset_text("base"), "base.yaml"), "base.yaml")
+    if name_or_path is not None:
+        text, source = resolve_config_source(name_or_path)
+        for data, src in _layers_for(text, source):
+            cfg = _merge_layer(cfg, data, src)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.max_iters=100).")
+        key = item.split("=", 1)[0]
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override '{item}': {_omegaconf_message(e)}") from None
+        except Exception as e:  # dotlist parse errors
+            raise ConfigError(f"override '{item}' for '{key}' could not be parsed: {e}") from None
+    try:
+        obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise ConfigError(_omegaconf_message(e)) from None
+    validate(obj)
+    return obj
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express. Raises ``ConfigError`` naming the key."""
+    o, t, u, d = cfg.optim, cfg.train, cfg.uda, cfg.data
+    _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two values in [0, 1)")
+    _check(o.warmup_iters >= 0, "optim.warmup_iters", "must be >= 0")
+    _check(0 < o.warmup_ratio <= 1, "optim.warmup_ratio", "must be in (0, 1]")
+    _check(t.max_iters >= 0, "train.max_iters", "must be >= 0")
+    for k in ("checkpoint_interval", "eval_interval", "log_interval", "debug_img_interval"):
+        _check(getattr(t, k) >= 0, f"train.{k}", "must be >= 0 (0 disables it)")
+    _check(t.keep_last is None or t.keep_last >= 1, "train.keep_last", "must be >= 1 or null")
+    _check(0 <= u.ema.alpha <= 1, "uda.ema.alpha", f"momentum must be in [0, 1], got {u.ema.alpha}")
+    _check(0 <= u.bank.momentum <= 1, "uda.bank.momentum", f"momentum must be in [0, 1], got {u.bank.momentum}")
+    _check(0 <= u.pseudo_threshold <= 1, "uda.pseudo_threshold", "must be in [0, 1]")
+    _check(u.pseudo_weight_ignore_top >= 0, "uda.pseudo_weight_ignore_top", "must be >= 0")
+    _check(u.pseudo_weight_ignore_bottom >= 0, "uda.pseudo_weight_ignore_bottom", "must be >= 0")
+    _check(u.bank.update_interval >= 1, "uda.bank.update_interval", "must be >= 1")
+    _check(u.bank.size >= 1, "uda.bank.size", "must be >= 1")
+    _check(0 <= u.dual_level.a_smooth <= 1, "uda.dual_level.a_smooth", "must be in [0, 1]")
+    _check(u.dual_level.chunk_rows >= 0, "uda.dual_level.chunk_rows", "must be >= 0")
+    _check(0 <= u.augment.color_jitter_prob <= 1, "uda.augment.color_jitter_prob", "must be in [0, 1]")
+    _check(all(0 <= c < cfg.model.num_classes for c in u.feature_distance.classes),
+           "uda.feature_distance.classes", f"class ids must be in [0, {cfg.model.num_classes})")
+    _check(cfg.model.num_classes >= 1, "model.num_classes", "must be >= 1")
+    _check(0 <= cfg.model.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
+    _check(d.batch_size >= 1, "data.batch_size", "must be >= 1")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(d.rcs.temperature > 0, "data.rcs.temperature", "must be > 0")
+    for name in ("source", "target", "val"):
+        ds: DatasetCfg = getattr(d, name)
+        key = f"data.{name}"
+        _check(len(ds.img_scale) == 2 and min(ds.img_scale) > 0, f"{key}.img_scale", "two positive ints")
+        _check(len(ds.crop_size) == 2 and min(ds.crop_size) > 0, f"{key}.crop_size", "two positive ints")
+        _check(0 < ds.cat_max_ratio <= 1, f"{key}.cat_max_ratio", "must be in (0, 1]")
+        _check(0 <= ds.flip_prob <= 1, f"{key}.flip_prob", "must be in [0, 1]")
+        if name != "val":
+            # A keep-ratio resize makes the short side at most min(img_scale): a crop larger than that
+            # would always be padded, which is almost surely a mistake.
+            _check(max(ds.crop_size) <= max(ds.img_scale) and min(ds.crop_size) <= min(ds.img_scale),
+                   f"{key}.crop_size", f"{list(ds.crop_size)} is larger than the image scale {list(ds.img_scale)}")
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved configuration as YAML text (written to ``run_dir/config.yaml``)."""
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+def describe_schema() -> str:
+    """The full default configuration, for ``dida train --help-config``."""
+    return to_yaml(load_config())
