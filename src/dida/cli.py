@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="preset or YAML describing the model (default: from the checkpoint)")
     p.add_argument("--which", choices=("model", "ema_model"), default="model")
     p.add_argument("--img-scale", type=int, nargs=2, default=(1024, 512), metavar=("LONG", "SHORT"))
+    p.add_argument("--recursive", action="store_true", help="also predict images in sub-folders")
     p.add_argument("--allow-pickle", action="store_true", help="trust the checkpoint (unsafe unpickling)")
     _add_runtime(p)
     p.set_defaults(_entry="dida.engine.predict:main_infer")
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", help="preset or YAML describing the model (default: from the checkpoint)")
     b.add_argument("--which", choices=("model", "ema_model"), default="model")
     b.add_argument("--max-images", type=int, help="stop after this many images")
+    b.add_argument("--img-scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
+                   help="test-pipeline resize (default: the source pipeline's, e.g. 1280 720 for gta)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--allow-pickle", action="store_true")
     _add_runtime(b)

@@ -325,8 +325,26 @@ def load_config(name_or_path: Optional[str] = None, overrides: list[str] | tuple
         obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(_omegaconf_message(e)) from None
+    fill_default_roots(obj)
     validate(obj)
     return obj
+
+
+DATASET_FOLDERS = {"gta": "gta", "synthia": "synthia", "cityscapes": "cityscapes"}
+
+
+def fill_default_roots(cfg: Config) -> None:
+    """Empty dataset roots become ``$DIDA_DATA_ROOT/<dataset>`` (``data/<dataset>`` when unset).
+
+    This is the reference's ``data/gta``, ``data/synthia``, ``data/cityscapes`` layout, relative to the
+    working directory unless ``DIDA_DATA_ROOT`` says otherwise.
+    """
+    base = os.environ.get("DIDA_DATA_ROOT", "data")
+    for ds in (cfg.data.source, cfg.data.target, cfg.data.val):
+        if not ds.root:
+            if ds.kind == "folder":
+                continue
+            ds.root = os.path.join(base, DATASET_FOLDERS[ds.kind])
 
 
 def _check(cond: bool, key: str, msg: str) -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks: one script per measurement, each runnable as ``python -m benchmarks.NAME``."""

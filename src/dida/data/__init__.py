@@ -1,0 +1,86 @@
+"""Datasets, pipelines, rare-class sampling, loaders and the label converter.
+
+Builders here are the only place where config objects are translated into constructor arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+from dida.data.cityscapes import CityscapesDataset
+from dida.data.folder import FolderDataset
+from dida.data.gta import GTADataset
+from dida.data.rcs import RareClassSampler
+from dida.data.synthia import SynthiaDataset
+from dida.data.transforms import TestPipeline, TrainPipeline, load_image, load_label, preprocess_test_image
+from dida.data.uda import SourceTargetDataset, ValDataset, collate_uda
+from dida.errors import DataError
+
+if TYPE_CHECKING:
+    from dida.config import DataCfg, DatasetCfg
+
+Dataset = Union[CityscapesDataset, GTADataset, SynthiaDataset, FolderDataset]
+
+__all__ = [
+    "CityscapesDataset", "FolderDataset", "GTADataset", "SynthiaDataset", "RareClassSampler",
+    "SourceTargetDataset", "ValDataset", "collate_uda", "TrainPipeline", "TestPipeline", "load_image",
+    "load_label", "preprocess_test_image", "build_dataset", "build_train_pipeline", "build_uda_datasets",
+    "dataset_root",
+]
+
+_DEFAULT_DIR = {"gta": "gta", "synthia": "synthia", "cityscapes": "cityscapes", "folder": ""}
+
+
+def dataset_root(cfg: DatasetCfg) -> Path:
+    """``cfg.root``, or ``$DIDA_DATA_ROOT/<gta|synthia|cityscapes>`` when the root is empty."""
+    if cfg.root:
+        return Path(cfg.root)
+    base = os.environ.get("DIDA_DATA_ROOT")
+    if not base:
+        raise DataError(f"no root given for the {cfg.kind} dataset: set data.<source|target|val>.root or the "
+                        "DIDA_DATA_ROOT environment variable.")
+    return Path(base) / _DEFAULT_DIR[cfg.kind]
+
+
+def build_dataset(cfg: DatasetCfg, num_classes: int | None = None) -> Dataset:
+    """The dataset described by a ``DatasetCfg`` (kind, root, split; folder names for "folder")."""
+    root = dataset_root(cfg)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    match cfg.kind:
+        case "gta":
+            return GTADataset(root, **kwargs)
+        case "synthia":
+            return SynthiaDataset(root, **kwargs)
+        case "cityscapes":
+            return CityscapesDataset(root, cfg.split, **kwargs)
+        case "folder":
+            label_dir = root / cfg.label_dir if cfg.label_dir else None
+            return FolderDataset(root / cfg.img_dir, label_dir, cfg.img_suffix, cfg.label_suffix, **kwargs)
+    raise DataError(f"unknown dataset kind '{cfg.kind}'")
+
+
+def build_train_pipeline(cfg: DatasetCfg) -> TrainPipeline:
+    return TrainPipeline(cfg.img_scale, cfg.crop_size, cfg.cat_max_ratio, cfg.flip_prob)
+
+
+def build_uda_datasets(data_cfg: DataCfg, seed: int = 0, num_classes: int | None = None
+                       ) -> tuple[SourceTargetDataset, ValDataset]:
+    """Training pairs (source with RCS when enabled + target) and the validation dataset.
+
+    The RCS statistics are read from ``data.rcs.stats_dir`` or the source root; a missing file is a
+    ``DataError`` that says to run ``dida convert``.
+    """
+    source = build_dataset(data_cfg.source, num_classes)
+    target = build_dataset(data_cfg.target, num_classes)
+    rcs = None
+    if data_cfg.rcs.enabled:
+        stats_dir = Path(data_cfg.rcs.stats_dir) if data_cfg.rcs.stats_dir else dataset_root(data_cfg.source)
+        rcs = RareClassSampler.from_stats(stats_dir, data_cfg.rcs.temperature, data_cfg.rcs.min_pixels)
+    train = SourceTargetDataset(
+        source, target, build_train_pipeline(data_cfg.source), build_train_pipeline(data_cfg.target),
+        rcs=rcs, seed=seed, min_crop_ratio=data_cfg.rcs.min_crop_ratio,
+    )
+    val = ValDataset(build_dataset(data_cfg.val, num_classes), data_cfg.val.img_scale)
+    return train, val

@@ -1,0 +1,134 @@
+"""Metric writers (terminal with ETA, ``metrics.jsonl``, TensorBoard when installed) and debug images."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    if v == 0 or math.isnan(v) or 1e-3 <= abs(v) < 1e4:
+        return f"{v:.4f}"
+    return f"{v:.3e}"
+
+
+class MetricWriter:
+    """Writes one JSON object per logged iteration to ``metrics.jsonl``, a terminal line, and TensorBoard."""
+
+    def __init__(self, run_dir: Path, *, max_iters: int, start_iter: int = 0, enabled: bool = True,
+                 stream: TextIO | None = None) -> None:
+        self.enabled = enabled
+        self.max_iters = max_iters
+        self.stream = stream or sys.stdout
+        self._t0 = time.perf_counter()
+        self._it0 = start_iter
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1) if enabled else None
+        self._tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(run_dir / "tb"))
+            except Exception:  # tensorboard not installed: the jsonl file is the record
+                self._tb = None
+
+    def log(self, it: int, values: dict[str, float]) -> None:
+        """Record the values of (1-based) iteration ``it``."""
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self._t0
+        done = max(it - self._it0, 1)
+        eta = elapsed / done * max(self.max_iters - it, 0)
+        record = {"iter": it, **values, "time": round(elapsed, 3)}
+        assert self._jsonl is not None
+        self._jsonl.write(json.dumps(record) + "\n")
+        body = "  ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+        print(f"[iter {it}/{self.max_iters}] {body}  eta={_format_seconds(eta)}", file=self.stream, flush=True)
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, it)
+
+    def log_eval(self, it: int, metrics: dict[str, Any], run_dir: Path, class_names: list[str]) -> None:
+        if not self.enabled:
+            return
+        iou = [None if np.isnan(x) else float(x) for x in np.asarray(metrics["IoU"], dtype=float)]
+        record = {"iter": it, "mIoU": float(metrics["mIoU"]), "aAcc": float(metrics["aAcc"]),
+                  "IoU": dict(zip(class_names, iou))}
+        with open(run_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"[iter {it}] eval mIoU={100 * record['mIoU']:.2f} aAcc={100 * record['aAcc']:.2f}",
+              file=self.stream, flush=True)
+        if self._tb is not None:
+            self._tb.add_scalar("eval/mIoU", record["mIoU"], it)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _format_seconds(s: float) -> str:
+    s = int(s)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}"
+
+
+class DebugVisualizer:
+    """Writes the step's debug tensors (images, labels, weights, masks) as one PNG grid per iteration.
+
+    Images are denormalised with the ImageNet mean/std; label maps use the Cityscapes palette; weight
+    and mask maps are shown in grey levels. Rows: batch elements; columns: the debug entries.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+
+    def __call__(self, it: int, debug: dict[str, Any]) -> Path:
+        import cv2
+        import torch
+
+        from dida.constants import IMG_MEAN, IMG_STD, PALETTE
+        from dida.io import atomic_path
+
+        palette = np.zeros((256, 3), np.uint8)
+        palette[: len(PALETTE)] = np.asarray(PALETTE, np.uint8)
+        rows: list[np.ndarray] = []
+        names = list(debug)
+        batch = next(iter(debug.values())).shape[0]
+        for b in range(batch):
+            tiles = []
+            for name in names:
+                t = debug[name][b].detach().float().cpu()
+                if t.dim() == 3 and t.shape[0] == 3:  # normalised RGB image
+                    img = t.permute(1, 2, 0).numpy() * np.asarray(IMG_STD) + np.asarray(IMG_MEAN)
+                    tile = np.clip(img, 0, 255).astype(np.uint8)
+                else:
+                    t = t.squeeze(0) if t.dim() == 3 else t
+                    if torch.is_floating_point(debug[name]):
+                        tile = np.repeat((np.clip(t.numpy(), 0, 1) * 255).astype(np.uint8)[..., None], 3, -1)
+                    else:
+                        tile = palette[t.numpy().astype(np.int64).clip(0, 255)]
+                cv2.putText(tile, name, (2, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
+                tiles.append(tile)
+            h = max(x.shape[0] for x in tiles)
+            tiles = [cv2.resize(x, (x.shape[1] * h // x.shape[0], h), interpolation=cv2.INTER_NEAREST)
+                     for x in tiles]
+            rows.append(np.concatenate(tiles, axis=1))
+        w = max(r.shape[1] for r in rows)
+        grid = np.concatenate([np.pad(r, ((0, 0), (0, w - r.shape[1]), (0, 0))) for r in rows], axis=0)
+        path = self.out_dir / f"{it:06d}.png"
+        with atomic_path(path) as tmp:
+            cv2.imwrite(str(tmp), grid[..., ::-1])
+        return path

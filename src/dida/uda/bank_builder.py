@@ -1,0 +1,254 @@
+"""Build a class-balanced instance bank from a source-trained model (``dida bank build``).
+
+The shipped DIDA banks are non-negative per-image class means of the decoder embedding, class
+balanced, with labels in repeating runs of the rare-class order (spec 6.2); which model produced them
+is not known. This builder makes banks of that kind:
+
+1. run the model (eval mode, no grad) over source images through the test pipeline;
+2. per image, the mean embedding of every class present in its label, where the embedding is the
+   1/4-resolution decoder output upsampled bilinearly to the label's resolution, as the reference
+   upsamples ``embedding_s`` (computed exactly at 1/4 resolution, see ``instance_bank.class_sums``);
+3. keep a uniform random sample (reservoir) of at most ``size`` candidates per class;
+4. pick ``size`` entries round-robin over the present classes in ``RARE_CLASS_ORDER`` (a class that
+   runs out of candidates drops out), so class counts differ by at most one among the classes that
+   have enough candidates, and labels come in repeating runs of the rare order.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from dida.constants import CITYSCAPES_CLASSES, RARE_CLASS_ORDER
+from dida.errors import CheckpointError, DataError
+from dida.uda.instance_bank import InstanceBank, class_sums
+
+FEATURES_FILE = "f_buffer_s.npz"
+LABELS_FILE = "l_buffer_s.npz"
+
+# The source pipelines' resize scales (spec 2.5); the test pipeline keeps the aspect ratio.
+DEFAULT_IMG_SCALE = {"gta": (1280, 720), "synthia": (1280, 760), "cityscapes": (1024, 512)}
+
+
+class _Dataset(Protocol):
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]: ...
+
+
+def class_order(num_classes: int) -> list[int]:
+    """``RARE_CLASS_ORDER`` restricted to ``0 .. num_classes-1``, then any other class ascending."""
+    order = [c for c in RARE_CLASS_ORDER if c < num_classes]
+    return order + [c for c in range(num_classes) if c not in order]
+
+
+class _Reservoir:
+    """Uniform random sample of at most ``capacity`` vectors per class (Algorithm R), no host tensors."""
+
+    def __init__(self, num_classes: int, capacity: int, dim: int, rng: np.random.Generator) -> None:
+        self.capacity = capacity
+        self.rng = rng
+        self.store = np.zeros((num_classes, capacity, dim), dtype=np.float32)
+        self.seen = np.zeros(num_classes, dtype=np.int64)
+
+    def add(self, cls: int, vec: np.ndarray) -> None:
+        n = int(self.seen[cls])
+        if n < self.capacity:
+            self.store[cls, n] = vec
+        else:
+            j = int(self.rng.integers(0, n + 1))
+            if j < self.capacity:
+                self.store[cls, j] = vec
+        self.seen[cls] = n + 1
+
+    def available(self, cls: int) -> int:
+        return int(min(self.seen[cls], self.capacity))
+
+
+def balanced_selection(available: Sequence[int], size: int, order: Sequence[int]) -> list[int]:
+    """Labels of a balanced bank: round-robin over ``order``, skipping classes with nothing left.
+
+    Args:
+        available: candidates per class.
+        size: K.
+        order: visiting order of the classes (rare classes first).
+
+    Returns:
+        ``size`` class ids in bank order (repeating runs of ``order``).
+
+    Raises:
+        ValueError: fewer than ``size`` candidates in total.
+    """
+    total = int(sum(available))
+    if total < size:
+        raise ValueError(f"only {total} candidates for a bank of {size} entries")
+    left = list(available)
+    labels: list[int] = []
+    while len(labels) < size:
+        for c in order:
+            if left[c] > 0 and len(labels) < size:
+                labels.append(c)
+                left[c] -= 1
+    return labels
+
+
+@torch.no_grad()
+def build_bank(
+    model: nn.Module,
+    dataset: _Dataset,
+    size: int,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    max_images: int | None = None,
+    img_scale: Sequence[int] = (1280, 720),
+    amp: str = "off",
+    progress: bool = True,
+) -> InstanceBank:
+    """Class-balanced bank of per-image class-mean embeddings.
+
+    Args:
+        model: a ``Segmentor`` (``forward(img) -> SegmentorOutput`` with ``embedding [1, D, h/4, w/4]``).
+        dataset: source dataset with ``load(i) -> (img_bgr, label train ids)``.
+        size: K.
+        num_classes: C (labels outside ``[0, C)`` are ignored).
+        device: where the model runs.
+        seed: seeds the reservoir sampling and the order of the images (``np.random.default_rng``).
+        max_images: use at most this many images (a random subset when smaller than the dataset).
+        img_scale: test-pipeline resize (keep ratio), (long side, short side).
+        amp: ``off``, ``bf16`` or ``fp16`` autocast for the model (means are accumulated in float32).
+        progress: show a progress bar on stderr.
+
+    Returns:
+        An ``InstanceBank`` on the CPU with ``size`` entries.
+
+    Raises:
+        DataError: an image without a label, or too few class means for ``size`` entries.
+    """
+    from tqdm import tqdm
+
+    from dida.data.transforms import TestPipeline
+
+    device = torch.device(device)
+    rng = np.random.default_rng(seed)
+    n = len(dataset)
+    if n == 0:
+        raise DataError("the source dataset is empty: nothing to build a bank from.")
+    indices = rng.permutation(n)[: max_images if max_images else n]
+    pipeline = TestPipeline(img_scale)
+    model = model.to(device).eval()
+    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    reservoir: _Reservoir | None = None
+    for i in tqdm(indices.tolist(), desc="bank build", unit="img", disable=not progress, file=sys.stderr):
+        img_bgr, label = dataset.load(i)
+        if label is None:
+            raise DataError(f"image {i} of the source dataset has no label: a bank needs labelled source images.")
+        img = pipeline(img_bgr).unsqueeze(0).to(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            emb = model(img).embedding
+        # labels at the resized image's resolution (nearest, as mmseg resizes segmentation maps)
+        lab = torch.from_numpy(np.array(label, dtype=np.int64)).to(device)[None, None]
+        lab = torch.nn.functional.interpolate(lab.float(), size=img.shape[-2:], mode="nearest").long()[:, 0]
+        sums, counts = class_sums(emb.float(), lab, num_classes)
+        present = counts > 0
+        means = (sums[present] / counts[present, None]).cpu().numpy()
+        classes = torch.nonzero(present).flatten().tolist()  # once per image, not per pixel
+        if reservoir is None:
+            reservoir = _Reservoir(num_classes, size, emb.shape[1], rng)
+        for c, vec in zip(classes, means):
+            reservoir.add(c, vec)
+    assert reservoir is not None
+    available = [reservoir.available(c) for c in range(num_classes)]
+    try:
+        labels = balanced_selection(available, size, class_order(num_classes))
+    except ValueError:
+        raise DataError(
+            f"only {sum(available)} class means from {len(indices)} images, fewer than --size {size}. "
+            "Use more images (--max-images) or a smaller --size."
+        ) from None
+    taken = [0] * num_classes
+    perm = [rng.permutation(a) for a in available]  # random candidate order per class
+    rows = []
+    for c in labels:
+        rows.append(reservoir.store[c, perm[c][taken[c]]])
+        taken[c] += 1
+    return InstanceBank(torch.from_numpy(np.stack(rows)), torch.tensor(labels, dtype=torch.int64), num_classes)
+
+
+def format_histogram(bank: InstanceBank, num_classes: int) -> str:
+    """One line per class: train id, name (Cityscapes names when C == 19), count."""
+    counts = bank.counts_per_class(num_classes).tolist()
+    names = CITYSCAPES_CLASSES if num_classes == len(CITYSCAPES_CLASSES) else [str(c) for c in range(num_classes)]
+    return "\n".join(f"  {c:>3} {names[c]:<14} {n}" for c, n in enumerate(counts))
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _load_model(args: Any) -> nn.Module:
+    from dida.checkpoint import load_checkpoint, model_cfg_from_checkpoint, read_checkpoint
+    from dida.models import build_segmentor_from_cfg
+
+    ckpt = read_checkpoint(args.checkpoint, allow_pickle=bool(getattr(args, "allow_pickle", False)))
+    if getattr(args, "config", None):
+        from dida.config import load_config
+
+        model_cfg = load_config(args.config).model
+    else:
+        model_cfg = model_cfg_from_checkpoint(ckpt)
+        if model_cfg is None:
+            raise CheckpointError(
+                f"{args.checkpoint}: cannot tell which model this checkpoint holds. Pass --config with the "
+                "preset or YAML it was trained with."
+            )
+    model = build_segmentor_from_cfg(model_cfg)
+    load_checkpoint(model, ckpt, which=getattr(args, "which", "model"))
+    return model
+
+
+def _build_dataset(kind: str, root: str, num_classes: int) -> _Dataset:
+    from dida.data import CityscapesDataset, GTADataset, SynthiaDataset
+
+    if kind == "gta":
+        return GTADataset(root, num_classes=num_classes)
+    if kind == "synthia":
+        return SynthiaDataset(root, num_classes=num_classes)
+    if kind == "cityscapes":
+        return CityscapesDataset(root, "train", num_classes=num_classes)
+    raise DataError(f"unknown dataset kind {kind!r}; use gta, synthia or cityscapes.")
+
+
+def main_bank_build(args: Any) -> int:
+    """``dida bank build CHECKPOINT --data ROOT --out DIR``: write ``f_buffer_s.npz`` / ``l_buffer_s.npz``."""
+    if args.size < 1:
+        raise DataError(f"--size must be >= 1, got {args.size}.")
+    model = _load_model(args)
+    num_classes = int(model.num_classes)
+    dataset = _build_dataset(args.dataset, args.data, num_classes)
+    device = _resolve_device(getattr(args, "device", "auto"))
+    bank = build_bank(
+        model,
+        dataset,
+        args.size,
+        num_classes,
+        device=device,
+        seed=getattr(args, "seed", 0),
+        max_images=getattr(args, "max_images", None),
+        img_scale=tuple(getattr(args, "img_scale", None) or DEFAULT_IMG_SCALE[args.dataset]),
+        amp=getattr(args, "amp", "off"),
+    )
+    out = Path(args.out)
+    bank.save_npz(out / FEATURES_FILE, out / LABELS_FILE)
+    print(f"wrote {out / FEATURES_FILE} ({bank.num_entries} x {bank.dim} float32) and {out / LABELS_FILE}")
+    print("entries per class:")
+    print(format_histogram(bank, num_classes))
+    return 0

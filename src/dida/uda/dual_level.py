@@ -1,0 +1,404 @@
+"""DIDA's cross-level interaction and instance loss (spec 6.5-6.7), direct and memory-bounded.
+
+Reference computation (everything at the crop size ``H x W``, after upsampling the 1/4-resolution maps
+bilinearly with ``align_corners=False``)::
+
+    s_k(x) = <e_w(x), B_k>                          teacher similarity, raw dot product, no grad
+    g_k(x) = z_{l_k}(x)                             student logits gathered at the entry's class
+    q_k(x) = s_k g_k / sum_j s_j g_j                calibrated target ("gather"), no grad
+    p_k(x) = <e_s(x), B_k> / sum_j <e_s(x), B_j>    student distribution over the bank
+    L_in   = weight * mean_{b,x} [ -sum_k q_k log(p_k + 1e-10) ]
+
+The direct functions (``calibrate``, ``instance_loss``, ``scatter_semantic``) take full-resolution
+tensors and reproduce the reference line by line. ``instance_term`` takes the low-resolution network
+outputs and computes the same loss without ever building a ``[B, K, H, W]`` tensor: similarities and
+gathered logits are linear in the embedding/logits, so they are computed at low resolution and
+upsampled (the upsampling commutes with them up to float rounding). The non-linear part runs over
+chunks of output rows, each chunk upsampled on the fly with the separable bilinear weights, and its
+gradient is computed in closed form inside the same loop, so peak memory grows with
+``B * K * chunk_rows * W`` instead of ``B * K * H * W``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from dida.uda.instance_bank import InstanceBank
+
+LOG_EPS = 1e-10  # the reference's log(p + 1e-10)
+
+
+# ---------------------------------------------------------------------------- bilinear interpolation
+
+
+@dataclass(frozen=True)
+class Interp1d:
+    """1-D bilinear resize weights of ``F.interpolate(mode="bilinear", align_corners=False)``.
+
+    Output index ``o`` reads ``lam0[o] * x[idx0[o]] + lam1[o] * x[idx1[o]]``.
+
+    Attributes:
+        in_size, out_size: lengths of the input and output axis.
+        idx0, idx1: int64 ``[out_size]`` source indices (on the target device).
+        lam0, lam1: float32 ``[out_size]`` weights, ``lam0 + lam1 == 1``.
+    """
+
+    in_size: int
+    out_size: int
+    idx0: Tensor
+    idx1: Tensor
+    lam0: Tensor
+    lam1: Tensor
+
+    def matrix(self) -> Tensor:
+        """Dense ``[out_size, in_size]`` float32 interpolation matrix ``A`` (``y = A @ x``)."""
+        a = torch.zeros(self.out_size, self.in_size, dtype=torch.float32, device=self.idx0.device)
+        rows = torch.arange(self.out_size, device=self.idx0.device)
+        a.index_put_((rows, self.idx0), self.lam0, accumulate=True)
+        a.index_put_((rows, self.idx1), self.lam1, accumulate=True)
+        return a
+
+
+def interp1d(in_size: int, out_size: int, device: torch.device | str | None = None) -> Interp1d:
+    """Weights of one axis of PyTorch's bilinear resize with ``align_corners=False``.
+
+    Follows ATen's ``area_pixel_compute_source_index``: ``src = (dst + 0.5) * in/out - 0.5``,
+    clamped at 0; ``i0 = floor(src)``, ``i1 = min(i0 + 1, in - 1)``, ``lam1 = src - i0``. Computed in
+    float32 like ATen does for float32 inputs.
+    """
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"interp1d: sizes must be >= 1, got in={in_size}, out={out_size}")
+    scale = float(in_size) / float(out_size)
+    dst = torch.arange(out_size, dtype=torch.float32)
+    src = ((dst + 0.5) * scale - 0.5).clamp_min(0.0)
+    i0 = src.to(torch.int64).clamp_max(in_size - 1)
+    i1 = (i0 + 1).clamp_max(in_size - 1)
+    lam1 = src - i0.to(torch.float32)
+    lam0 = 1.0 - lam1
+    return Interp1d(in_size, out_size, i0.to(device), i1.to(device), lam0.to(device), lam1.to(device))
+
+
+def bilinear_matrices(
+    in_size: tuple[int, int], out_size: tuple[int, int], device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Dense matrices ``A_h [H, h]`` and ``A_w [W, w]`` with ``up(x) = A_h @ x @ A_w.T`` (per channel)."""
+    return (
+        interp1d(in_size[0], out_size[0], device).matrix(),
+        interp1d(in_size[1], out_size[1], device).matrix(),
+    )
+
+
+def resize_adjoint(y: Tensor, size: tuple[int, int]) -> Tensor:
+    """Transpose of ``resize``: ``[..., H, W] -> [..., h, w]``, i.e. ``A_h^T y A_w`` per channel.
+
+    For any map ``e`` of spatial ``size``: ``sum(resize(e, (H, W)) * y) == sum(e * resize_adjoint(y, size))``.
+    It is the backward of PyTorch's bilinear upsampling, so the weights are bit-identical to it. That
+    kernel accumulates with atomics on CUDA and is refused under
+    ``torch.use_deterministic_algorithms(True)``; there the dense ``A_h^T y A_w`` is used instead.
+    """
+    if y.is_cuda and torch.are_deterministic_algorithms_enabled():
+        return dense_resize_adjoint(y, size)
+    lead = y.shape[:-2]
+    y4 = y.reshape(-1, 1, *y.shape[-2:]) if y.ndim != 4 else y
+    out = torch.ops.aten.upsample_bilinear2d_backward(
+        y4.contiguous(), list(y.shape[-2:]), [y4.shape[0], y4.shape[1], int(size[0]), int(size[1])], False
+    )
+    return out.reshape(*lead, int(size[0]), int(size[1]))
+
+
+def dense_resize_adjoint(y: Tensor, size: tuple[int, int]) -> Tensor:
+    """``resize_adjoint`` as two matmuls with the dense interpolation matrices (deterministic)."""
+    a_h, a_w = bilinear_matrices((int(size[0]), int(size[1])), tuple(y.shape[-2:]), y.device)
+    return torch.matmul(torch.matmul(a_h.T.to(y.dtype), y), a_w.to(y.dtype))
+
+
+def downsample_adjoint(m: Tensor, size: tuple[int, int]) -> Tensor:
+    """Pull full-resolution masks back to an embedding's resolution (alias of ``resize_adjoint``).
+
+    Per-class sums of an upsampled embedding ``e`` are ``sum(up(e) * m_c) = sum(e * A_h^T m_c A_w)``,
+    so they can be computed at the embedding's resolution, exactly up to float rounding.
+    """
+    return resize_adjoint(m, size)
+
+
+class RowChunkUpsampler:
+    """Bilinear upsampling ``[..., h, w] -> [..., H, W]`` one block of output rows at a time.
+
+    Rows: a small dense matmul with the block of ``A_h`` that the rows touch; columns: PyTorch's own
+    bilinear kernel with the row count unchanged (a height scale of exactly 1 is the identity), so the
+    result equals ``F.interpolate(x, (H, W), mode="bilinear", align_corners=False)[..., r0:r1, :]``.
+    ``adjoint`` is the exact transpose, accumulated into a low-resolution gradient.
+    """
+
+    def __init__(self, in_size: tuple[int, int], out_size: tuple[int, int], device: torch.device) -> None:
+        self.in_size = (int(in_size[0]), int(in_size[1]))
+        self.out_size = (int(out_size[0]), int(out_size[1]))
+        h_it = interp1d(self.in_size[0], self.out_size[0])  # CPU: the spans below are plain ints
+        self._lo = h_it.idx0.tolist()
+        self._hi = (h_it.idx1 + 1).tolist()
+        self.a_h = h_it.matrix().to(device)
+
+    def span(self, r0: int, r1: int) -> tuple[int, int]:
+        """Low-resolution rows ``[lo, hi)`` that output rows ``[r0, r1)`` read (indices are monotone)."""
+        return self._lo[r0], max(self._hi[r0:r1])
+
+    def up(self, x: Tensor, r0: int, r1: int) -> Tensor:
+        """``[B, K, h, w] -> [B, K, r1 - r0, W]``."""
+        lo, hi = self.span(r0, r1)
+        rows = torch.matmul(self.a_h[r0:r1, lo:hi].to(x.dtype), x[..., lo:hi, :])
+        return F.interpolate(rows, size=(r1 - r0, self.out_size[1]), mode="bilinear", align_corners=False)
+
+    def adjoint(self, y: Tensor, r0: int, out: Tensor) -> None:
+        """``out[..., h, w] += up_rows^T(y)`` for ``y [B, K, R, W]`` holding output rows ``r0 : r0 + R``."""
+        r1 = r0 + y.shape[-2]
+        lo, hi = self.span(r0, r1)
+        yw = resize_adjoint(y, (y.shape[-2], self.in_size[1]))
+        out[..., lo:hi, :] += torch.matmul(self.a_h[r0:r1, lo:hi].T.to(y.dtype), yw)
+
+
+def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` (no-op when sizes match)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+# ---------------------------------------------------------------------------- direct (full resolution)
+
+
+def gather_by_label(logits: Tensor, bank_labels: Tensor) -> Tensor:
+    """``g[:, k] = logits[:, l_k]``: ``[B, C, H, W], [K] -> [B, K, H, W]``."""
+    return logits.index_select(1, bank_labels.to(device=logits.device, dtype=torch.long))
+
+
+def calibrate(teacher_similarity: Tensor, student_logits: Tensor, bank_labels: Tensor) -> Tensor:
+    """The "gather" target ``q_k = s_k g_k / sum_j s_j g_j`` (spec 6.6), computed without grad.
+
+    Args:
+        teacher_similarity: raw teacher similarities ``s`` ``[B, K, H, W]``.
+        student_logits: raw student logits ``z`` ``[B, C, H, W]`` (same spatial size).
+        bank_labels: int64 ``[K]`` class of each bank entry.
+
+    Returns:
+        ``q`` ``[B, K, H, W]``. No epsilon (reference): a zero denominator gives inf/NaN, and since
+        logits can be negative, ``q`` may hold negative values or values above 1.
+    """
+    with torch.no_grad():
+        t = teacher_similarity * gather_by_label(student_logits, bank_labels)
+        return t / t.sum(dim=1, keepdim=True)
+
+
+_calibrate = calibrate  # ``instance_term`` has a ``calibrate`` flag that shadows the function
+
+
+def normalize_similarity(similarity: Tensor) -> Tensor:
+    """Sum-normalisation over the bank axis: ``s / sum_k s`` (``[B, K, H, W]``), no epsilon."""
+    return similarity / similarity.sum(dim=1, keepdim=True)
+
+
+def instance_loss(target: Tensor, student_similarity: Tensor, weight: float = 0.5) -> Tensor:
+    """``weight * mean_{b,x} [-sum_k target_k log(p_k + 1e-10)]`` with ``p = s / sum_k s`` (spec 6.7).
+
+    Args:
+        target: ``[B, K, H, W]`` (detached here).
+        student_similarity: raw student similarities ``[B, K, H, W]`` (with grad).
+        weight: the reference's ``ins_lambda`` (0.5).
+
+    Returns:
+        A scalar. The mean runs over every pixel (no ignore mask, no confidence weighting).
+    """
+    p = normalize_similarity(student_similarity)
+    per_pixel = -(target.detach() * torch.log(p + LOG_EPS)).sum(dim=1)
+    return weight * per_pixel.mean()
+
+
+def scatter_semantic(
+    teacher_probs: Tensor, teacher_similarity: Tensor, bank_labels: Tensor, a_smooth: float
+) -> Tensor:
+    """The "scatter" refinement of the semantic target (spec 6.6; inactive with the default 1.0).
+
+    ``agg_c = probs_c + sum_{k: l_k = c} s~_k`` with ``s~`` the sum-normalised teacher similarity, then
+    ``a * probs + (1 - a) * agg`` (not a convex combination, as in the reference).
+
+    Args:
+        teacher_probs: teacher softmax ``[B, C, H, W]``.
+        teacher_similarity: raw teacher similarities ``[B, K, H, W]``.
+        bank_labels: int64 ``[K]``.
+        a_smooth: mixing factor; ``1.0`` returns ``teacher_probs`` itself, untouched.
+
+    Returns:
+        ``[B, C, H, W]``, computed without grad.
+    """
+    if a_smooth == 1:
+        return teacher_probs
+    with torch.no_grad():
+        s = normalize_similarity(teacher_similarity).to(teacher_probs.dtype)
+        index = bank_labels.to(device=s.device, dtype=torch.long).view(1, -1, 1, 1).expand_as(s)
+        agg = teacher_probs.scatter_add(1, index, s)
+        return a_smooth * teacher_probs + (1.0 - a_smooth) * agg
+
+
+# ---------------------------------------------------------------------------- memory-bounded term
+
+
+class _ChunkedInstanceLoss(torch.autograd.Function):
+    """Instance loss from low-resolution K-channel maps, upsampled chunk by chunk of output rows.
+
+    The gradient w.r.t. the student's low-resolution similarities is computed in closed form during
+    the forward loop (``dL/dP_m = -(a_m - sum_k a_k p_k) / S`` with ``a = q / (p + eps)``,
+    ``S = sum_k P_k``) and pulled back through the transposed upsampling, so no chunk is kept and
+    nothing is recomputed.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        p_low: Tensor,
+        s_low: Tensor,
+        g_low: Tensor | None,
+        ups: RowChunkUpsampler,
+        chunk_rows: int,
+        scale: float,
+    ) -> Tensor:
+        need_grad = ctx.needs_input_grad[0]
+        grad_low = torch.zeros_like(p_low) if need_grad else None
+        total = torch.zeros((), dtype=torch.float64, device=p_low.device)
+        for r0 in range(0, ups.out_size[0], chunk_rows):
+            r1 = min(ups.out_size[0], r0 + chunk_rows)
+            q = ups.up(s_low, r0, r1)  # [B, K, R, W]
+            if g_low is not None:
+                q.mul_(ups.up(g_low, r0, r1))
+            q.div_(q.sum(dim=1, keepdim=True))
+            p = ups.up(p_low, r0, r1)
+            denom = p.sum(dim=1, keepdim=True)
+            p.div_(denom)
+            pe = p + LOG_EPS
+            lp = pe.log()
+            total -= lp.mul_(q).sum(dtype=torch.float64)
+            del lp
+            if need_grad:
+                a = q.div_(pe)  # reuses q's storage
+                del pe
+                a.sub_((a * p).sum(dim=1, keepdim=True)).div_(denom).mul_(-scale)
+                ups.adjoint(a, r0, grad_low)
+            del q, p
+        ctx.save_for_backward(grad_low if need_grad else None)
+        return (total * scale).to(p_low.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        (grad_low,) = ctx.saved_tensors
+        grad_p = None if grad_low is None else grad_low * grad_out
+        return grad_p, None, None, None, None, None
+
+
+def instance_term(
+    bank: InstanceBank,
+    teacher_embedding: Tensor,
+    student_embedding: Tensor,
+    student_logits: Tensor,
+    out_size: tuple[int, int],
+    weight: float = 0.5,
+    calibrate: bool = True,
+    chunk_rows: int = 64,
+) -> Tensor:
+    """DIDA's instance loss ``L_in`` from low-resolution network outputs (spec 6.5-6.7).
+
+    Equals the reference computation at ``out_size`` (all maps upsampled bilinearly with
+    ``align_corners=False`` first) up to float rounding.
+
+    Args:
+        bank: the instance bank (features ``[K, D]``, labels ``[K]``).
+        teacher_embedding: teacher embedding on the target ``[B, D, h, w]`` (no grad is taken).
+        student_embedding: student embedding on the mixed image ``[B, D, h, w]`` (with grad).
+        student_logits: student logits on the mixed image ``[B, C, h, w]`` (detached: the reference
+            computes the target under ``no_grad``).
+        out_size: ``(H, W)`` the reference upsamples to (the crop size).
+        weight: ``ins_lambda`` (0.5).
+        calibrate: ``True`` (reference) uses the gather target ``q``; ``False`` uses the sum-normalised
+            teacher similarity.
+        chunk_rows: output rows per chunk; ``0`` materialises everything at full resolution (the
+            reference way, memory ``O(B K H W)``).
+
+    Returns:
+        The scalar loss (float32), differentiable w.r.t. ``student_embedding`` only.
+
+    Notes:
+        Similarities are computed in float32 with autocast disabled (values reach the hundreds; bf16
+        would lose the small differences that the normalisation depends on).
+    """
+    out_size = (int(out_size[0]), int(out_size[1]))
+    if chunk_rows < 0:
+        raise ValueError(f"chunk_rows must be >= 0, got {chunk_rows}")
+    device_type = student_embedding.device.type
+    with torch.autocast(device_type=device_type, enabled=False):
+        e_s = student_embedding.float()
+        with torch.no_grad():
+            e_w = teacher_embedding.detach().float()
+            z = student_logits.detach().float()
+        if chunk_rows == 0:
+            with torch.no_grad():
+                s = bank.similarity(resize(e_w, out_size))
+                if calibrate:
+                    target = _calibrate(s, resize(z, out_size), bank.labels)
+                else:
+                    target = normalize_similarity(s)
+                del s
+            return instance_loss(target, bank.similarity(resize(e_s, out_size)), weight)
+
+        h, w = e_s.shape[-2:]
+        if tuple(e_w.shape[-2:]) != (h, w) or tuple(z.shape[-2:]) != (h, w):
+            raise ValueError(
+                "instance_term: teacher embedding, student embedding and student logits must share one "
+                f"resolution, got {tuple(e_w.shape[-2:])}, {(h, w)}, {tuple(z.shape[-2:])}"
+            )
+        with torch.no_grad():
+            s_low = bank.similarity(e_w)
+            g_low = gather_by_label(z, bank.labels) if calibrate else None
+        p_low = bank.similarity(e_s)
+        ups = RowChunkUpsampler((h, w), out_size, e_s.device)
+        scale = float(weight) / float(e_s.shape[0] * out_size[0] * out_size[1])
+        return _ChunkedInstanceLoss.apply(p_low, s_low, g_low, ups, int(chunk_rows), scale)
+
+
+def semantic_term(
+    bank: InstanceBank,
+    teacher_probs: Tensor,
+    teacher_embedding: Tensor,
+    a_smooth: float,
+    chunk_rows: int = 64,
+) -> Tensor:
+    """``scatter_semantic`` with the teacher similarity computed from a low-resolution embedding.
+
+    Args:
+        bank: the instance bank.
+        teacher_probs: teacher softmax at full resolution ``[B, C, H, W]``.
+        teacher_embedding: teacher embedding ``[B, D, h, w]``; upsampled (bilinear,
+            ``align_corners=False``) to ``H x W`` as in the reference, chunk by chunk of rows.
+        a_smooth: as in ``scatter_semantic`` (1.0 returns ``teacher_probs`` unchanged).
+        chunk_rows: rows per chunk; ``0`` materialises the ``[B, K, H, W]`` similarity.
+
+    Returns:
+        ``[B, C, H, W]`` refined teacher probabilities (no grad).
+    """
+    if a_smooth == 1:
+        return teacher_probs
+    out_size = tuple(teacher_probs.shape[-2:])
+    with torch.no_grad(), torch.autocast(device_type=teacher_probs.device.type, enabled=False):
+        e_w = teacher_embedding.detach().float()
+        if chunk_rows == 0:
+            return scatter_semantic(teacher_probs, bank.similarity(resize(e_w, out_size)), bank.labels, a_smooth)
+        s_low = bank.similarity(e_w)
+        ups = RowChunkUpsampler(tuple(e_w.shape[-2:]), out_size, e_w.device)
+        out = torch.empty_like(teacher_probs)
+        for r0 in range(0, out_size[0], chunk_rows):
+            r1 = min(out_size[0], r0 + chunk_rows)
+            s = ups.up(s_low, r0, r1)
+            out[:, :, r0:r1] = scatter_semantic(teacher_probs[:, :, r0:r1], s, bank.labels, a_smooth)
+        return out
