@@ -519,7 +519,9 @@ def load_checkpoint(
             raise CheckpointError(f"{source}: unexpected keys {_first(bad)}")
         info["dropped"] = info["dropped"] + ([f"decode_head.* ({len(rest)} tensors)"] if rest else [])
         info["target"] = "backbone"
-        info["num_tensors"] = load_state_dict_strict(model, backbone, source, f"the {which} backbone ({fmt})")
+        info["num_tensors"] = load_state_dict_strict(
+            _backbone_of(model), backbone, source, f"the {which} backbone ({fmt})"
+        )
     log.info("loaded %d tensors of %s from %s (%s)", info["num_tensors"], which, source, fmt)
     return info
 

@@ -120,6 +120,7 @@ class DebugVisualizer:
                         tile = np.repeat((np.clip(t.numpy(), 0, 1) * 255).astype(np.uint8)[..., None], 3, -1)
                     else:
                         tile = palette[t.numpy().astype(np.int64).clip(0, 255)]
+                tile = np.ascontiguousarray(tile)
                 cv2.putText(tile, name, (2, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
                 tiles.append(tile)
             h = max(x.shape[0] for x in tiles)

@@ -17,7 +17,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -234,8 +234,20 @@ def build_bank(cfg: Config, *, embed_dim: int) -> Any:
 # ---------------------------------------------------------------------------------------- train
 
 
-def train(cfg: Config, resume: str | os.PathLike[str] | None = None) -> Path:
-    """Train as configured; returns the run directory. ``resume``: a run directory to continue."""
+def train(
+    cfg: Config,
+    resume: str | os.PathLike[str] | None = None,
+    *,
+    on_end: Callable[[dict[str, torch.nn.Module]], None] | None = None,
+) -> Path:
+    """Train as configured; returns the run directory.
+
+    Args:
+        cfg: the resolved configuration.
+        resume: a run directory to continue from its ``latest.pth``.
+        on_end: called on every rank after the last iteration with ``{"model": student, "ema_model":
+            teacher, ...}`` (hooks for tests and tools; nothing else reaches into the loop).
+    """
     # ---- process group, device, run directory ----------------------------------------------------
     device = dist_utils.init_from_env(cfg.run.device)
     rank, world = dist_utils.rank(), dist_utils.world_size()
@@ -255,12 +267,13 @@ def train(cfg: Config, resume: str | os.PathLike[str] | None = None) -> Path:
             with atomic_path(run_dir / "config.yaml") as tmp:
                 tmp.write_text(to_yaml(cfg))
         try:
-            return _train(cfg, device, run_dir, resume is not None, rank, world)
+            return _train(cfg, device, run_dir, resume is not None, rank, world, on_end)
         finally:
             dist_utils.cleanup()
 
 
-def _train(cfg: Config, device: torch.device, run_dir: Path, resuming: bool, rank: int, world: int) -> Path:
+def _train(cfg: Config, device: torch.device, run_dir: Path, resuming: bool, rank: int, world: int,
+           on_end: Callable[[dict[str, torch.nn.Module]], None] | None) -> Path:
     from dida.checkpoint import read_checkpoint
     from dida.data import build_uda_datasets
     from dida.data.loader import build_train_loader
@@ -448,6 +461,13 @@ def _train(cfg: Config, device: torch.device, run_dir: Path, resuming: bool, ran
                     raise KeyboardInterrupt
         finally:
             writer.close()
+    if on_end is not None:
+        models = {"model": student}
+        if teacher is not None:
+            models["ema_model"] = teacher.model
+        if bank is not None:
+            models["instance_bank"] = bank
+        on_end(models)
     return run_dir
 
 
