@@ -344,6 +344,8 @@ def test_wrong_class_count(tmp_path, tiny_model_kwargs):
     with pytest.raises(CheckpointError, match="checkpoint has 4 classes, model has 5") as e:
         load_checkpoint(_tiny(tiny_model_kwargs, 2, num_classes=5), path)
     assert str(path) in str(e.value)
+    with pytest.raises(CheckpointError, match=f"^{path}: .*checkpoint has 4 classes"):
+        load_checkpoint(_tiny(tiny_model_kwargs, 2, num_classes=5), read_checkpoint(path), source=path)
 
 
 def test_other_architecture(tmp_path, tiny_model_kwargs):

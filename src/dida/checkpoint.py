@@ -433,6 +433,7 @@ def load_checkpoint(
     which: str = "model",
     *,
     allow_pickle: bool = False,
+    source: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Load any supported checkpoint into a ``Segmentor`` (or a bare ``MixVisionTransformer``), strictly.
 
@@ -442,6 +443,7 @@ def load_checkpoint(
         which: the sub-model of an mmcv (``model``/``ema_model``/``imnet_model``) or dida
             (``model``/``ema_model``) checkpoint; ignored for single-model files.
         allow_pickle: trust the file (unsafe unpickling).
+        source: the file an already-read dict came from, named in error messages.
 
     Returns:
         info dict: ``source``, ``format``, ``which``, ``target`` (``"segmentor"`` or ``"backbone"``),
@@ -453,7 +455,7 @@ def load_checkpoint(
     from dida.models import Segmentor
 
     if isinstance(path_or_dict, Mapping):
-        obj, source = dict(path_or_dict), _describe(None)
+        obj, source = dict(path_or_dict), _describe(source)
     else:
         obj, source = read_checkpoint(path_or_dict, allow_pickle=allow_pickle), _describe(path_or_dict)
     try:

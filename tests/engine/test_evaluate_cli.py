@@ -58,6 +58,7 @@ def setup(tmp_path_factory):
     ckpt.parent.mkdir()
     save_checkpoint(ckpt, {"model": model.state_dict(), "ema_model": ema.state_dict(), "iteration": 10,
                            "config": to_yaml(cfg)})
+    (ckpt.parent / "config.yaml").write_text(to_yaml(cfg))  # a run directory, as the engine writes it
     return {"root": root, "cfg": cfg_path, "ckpt": ckpt, "tmp": tmp, "model": model, "config": cfg}
 
 
@@ -149,8 +150,8 @@ def test_synthia_protocol_limit_ema_and_trainid_only(setup, capsys):
     assert len(list((out / "preds" / "trainid").rglob("*.png"))) == 1
 
 
-def test_default_out_dir_slide_mode_and_bf16(setup):
-    rc = main(["test", str(setup["cfg"]), str(setup["ckpt"]), "--mode", "slide", "--amp", "bf16",
+def test_run_dir_config_default_out_dir_slide_mode_and_bf16(setup):
+    rc = main(["test", str(setup["ckpt"].parent), str(setup["ckpt"]), "--mode", "slide", "--amp", "bf16",
                "--device", "cpu", "--limit", "1"])
     assert rc == 0
     metrics = json.loads((setup["ckpt"].parent / "test" / "metrics.json").read_text())

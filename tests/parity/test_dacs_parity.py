@@ -20,7 +20,8 @@ pytestmark = pytest.mark.parity
 
 
 def _report(name, got, expected):
-    diff = (torch.as_tensor(got, dtype=torch.float64) - torch.as_tensor(expected, dtype=torch.float64)).abs().max()
+    got = torch.as_tensor(got, dtype=torch.float64)
+    diff = (got - torch.as_tensor(expected, dtype=torch.float64)).abs().max()
     print(f"{name}: max |diff| = {float(diff):.3e}")
 
 

@@ -29,7 +29,8 @@ def test_downscale_matches_naive_loop():
     labels[1, :4, 4:] = 2
     labels[1, 0, 4] = 0  # 15/16 = 0.9375 purity
     for ratio in (0.0, 0.75, 0.95):
-        torch.testing.assert_close(downscale_label_ratio(labels, 4, ratio, 3), _naive_downscale(labels, 4, ratio, 3))
+        got = downscale_label_ratio(labels, 4, ratio, 3)
+        torch.testing.assert_close(got, _naive_downscale(labels, 4, ratio, 3))
 
 
 def test_thing_mask_on_drawn_example():
@@ -81,4 +82,5 @@ def test_feature_distance_zero_difference_has_finite_grad():
 
 def test_feature_distance_mask_shape_mismatch():
     with pytest.raises(ValueError):
-        feature_distance_loss(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2), torch.ones(1, 3, 3, dtype=torch.bool))
+        feature_distance_loss(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2),
+                              torch.ones(1, 3, 3, dtype=torch.bool))

@@ -78,6 +78,7 @@ class SourceTargetDataset:
     def _source_sample(
         self, rng: np.random.Generator, bad_files: list[str]
     ) -> tuple[torch.Tensor, torch.Tensor, str, int]:
+        last_error = ""
         for _ in range(self.max_redraws + 1):
             if self.rcs is not None:
                 cls, name = self.rcs.sample(rng)
@@ -91,6 +92,7 @@ class SourceTargetDataset:
                 img, label = self.source_pipeline.resize(img, label)
             except DataError as e:
                 bad_files.append(getattr(e, "path", self.source.samples[index][0]))
+                last_error = str(e)
                 continue
             img_t, label_t = self.source_pipeline.random_part(img, label, rng)
             if self.rcs is not None and self.min_crop_ratio > 0:
@@ -102,24 +104,26 @@ class SourceTargetDataset:
                     img_t, label_t = self.source_pipeline.random_part(img, label, rng)
             return img_t, label_t, self.source.samples[index][0], cls
         raise DataError(f"{self.max_redraws + 1} source samples in a row could not be read (last: "
-                        f"{bad_files[-1]}). Check the dataset for corrupt files.")
+                        f"{last_error}). Check that the dataset is in place and its files are readable.")
 
     def _target_sample(
         self, rng: np.random.Generator, bad_files: list[str]
     ) -> tuple[torch.Tensor, torch.Tensor, str]:
+        last_error = ""
         for _ in range(self.max_redraws + 1):
             index = int(rng.integers(len(self.target)))
             try:
                 img, label = self.target.load(index)
             except DataError as e:
                 bad_files.append(getattr(e, "path", self.target.samples[index][0]))
+                last_error = str(e)
                 continue
             if label is None:
                 label = np.full(img.shape[:2], IGNORE_INDEX, dtype=np.uint8)
             img_t, label_t = self.target_pipeline(img, label, rng)
             return img_t, label_t, self.target.samples[index][0]
         raise DataError(f"{self.max_redraws + 1} target samples in a row could not be read (last: "
-                        f"{bad_files[-1]}). Check the dataset for corrupt files.")
+                        f"{last_error}). Check that the dataset is in place and its files are readable.")
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, int(k)])

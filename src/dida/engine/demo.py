@@ -36,7 +36,7 @@ DATA_SEED = 0
 NUM_FIGURE_IMAGES = 3  # at most; fewer when the val split is smaller
 
 # Full demo: the `dida synth` defaults. Quick: tiny images and a few iterations (test smoke run).
-FULL_DATA = SynthParams(seed=DATA_SEED)
+FULL_DATA = SynthParams(seed=DATA_SEED, width=256, height=128)
 QUICK_DATA = SynthParams(seed=DATA_SEED, num_source=4, num_target_train=4, num_val=2, width=128, height=64)
 QUICK_OVERRIDES: tuple[str, ...] = (
     "model.decoder_channels=16",

@@ -275,14 +275,15 @@ def evaluate(
     max_images: int | None = None,
     on_prediction: Callable[[int, dict[str, Any], torch.Tensor], None] | None = None,
     num_workers: int = 0,
+    distributed: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on a validation dataset with the reference inference (spec 8).
 
     Each item (``dida.data.uda.ValDataset``) gives ``img`` (test pipeline, ``[3, h, w]``) and
     ``label`` (``[H, W]`` at original resolution). The logits are resized to ``h x w`` and then to
     ``H x W`` before softmax + argmax (``dida.models.inference``). The model is put in eval mode and
-    its previous mode restored. Under torch.distributed each rank takes every world_size-th image and
-    the counts are summed.
+    its previous mode restored. With ``distributed=True`` under an initialised torch.distributed, every
+    rank must call this: each takes every world_size-th image and the counts are summed over ranks.
 
     Args:
         model: a ``Segmentor``.
@@ -295,6 +296,8 @@ def evaluate(
         max_images: evaluate only the first N images.
         on_prediction: called as ``fn(index, item, pred)`` with ``pred`` ``[H, W]`` int64 on ``device``.
         num_workers: DataLoader workers for decoding/resizing.
+        distributed: shard the images over the ranks and all-reduce the counts (default: this process
+            evaluates everything alone, e.g. rank 0 only).
 
     Returns:
         ``MetricAccumulator.compute()`` plus ``seconds`` and ``images_per_s``.
@@ -310,7 +313,8 @@ def evaluate(
     if total == 0:
         raise DataError("the validation set is empty: nothing to evaluate.")
     rank, world = 0, 1
-    if dist.is_available() and dist.is_initialized():
+    sharded = distributed and dist.is_available() and dist.is_initialized()
+    if sharded:
         rank, world = dist.get_rank(), dist.get_world_size()
     indices = list(range(rank, total, world))
     loader = DataLoader(
@@ -344,7 +348,8 @@ def evaluate(
                     on_prediction(index, item, pred)
                 if bar is not None:
                     bar.update(1)
-        acc.all_reduce()
+        if sharded:
+            acc.all_reduce()
     finally:
         model.train(was_training)
         if bar is not None:
@@ -594,7 +599,8 @@ def main_test(args: argparse.Namespace) -> int:
     written = [out_dir / "metrics.json"]
     try:
         plot_class_iou(metrics["IoU"], names, out_dir / "iou.png",
-                       title=f"{Path(ckpt_path).name} ({args.which}): mIoU {100 * metrics['mIoU']:.2f}")
+                       title=f"{Path(ckpt_path).name} ({args.which}), {metrics['num_images']} "
+                             f"{cfg.data.val.kind} {cfg.data.val.split} images")
         written.append(out_dir / "iou.png")
     except ImportError:
         print("matplotlib is not installed (pip install 'dida[viz]'): iou.png skipped.", file=sys.stderr)

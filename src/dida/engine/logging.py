@@ -120,12 +120,11 @@ class DebugVisualizer:
                         tile = np.repeat((np.clip(t.numpy(), 0, 1) * 255).astype(np.uint8)[..., None], 3, -1)
                     else:
                         tile = palette[t.numpy().astype(np.int64).clip(0, 255)]
-                tile = np.ascontiguousarray(tile)
-                cv2.putText(tile, name, (2, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
+                h = max(160, tile.shape[0])  # small crops are enlarged to stay readable
+                tile = cv2.resize(np.ascontiguousarray(tile), (tile.shape[1] * h // tile.shape[0], h),
+                                  interpolation=cv2.INTER_NEAREST)
+                cv2.putText(tile, name, (3, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1)
                 tiles.append(tile)
-            h = max(x.shape[0] for x in tiles)
-            tiles = [cv2.resize(x, (x.shape[1] * h // x.shape[0], h), interpolation=cv2.INTER_NEAREST)
-                     for x in tiles]
             rows.append(np.concatenate(tiles, axis=1))
         w = max(r.shape[1] for r in rows)
         grid = np.concatenate([np.pad(r, ((0, 0), (0, w - r.shape[1]), (0, 0))) for r in rows], axis=0)

@@ -82,16 +82,15 @@ def plot_class_iou(
         ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
                     va="bottom", fontsize=7, xytext=(0, 1), textcoords="offset points")
     finite = values[~np.isnan(values)]
+    caption = "dashed line: mIoU (nan-mean)"
     if finite.size:
-        ax.axhline(float(finite.mean()), color="gray", linestyle="--", linewidth=1,
-                   label=f"mIoU {finite.mean():.2f}")
-        ax.legend(loc="upper right", fontsize=8)
+        ax.axhline(float(finite.mean()), color="gray", linestyle="--", linewidth=1)
+        caption = f"dashed line: mIoU {finite.mean():.2f} (nan-mean)"
     ax.set_xticks(range(n))
     ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("IoU (%)")
-    ax.set_ylim(0, 105)
-    if title:
-        ax.set_title(title, fontsize=10)
+    ax.set_ylim(0, 108)
+    ax.set_title(f"{title}\n{caption}" if title else caption, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

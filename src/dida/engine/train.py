@@ -160,6 +160,24 @@ class _StopRequest:
                 signal.signal(s, h)
 
 
+def _truncate_log(path: Path, last_iter: int) -> None:
+    """Keep the complete JSON rows of ``path`` with ``iter <= last_iter`` (atomic rewrite)."""
+    import json
+
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if line.endswith("\n") and isinstance(row, dict) and int(row.get("iter", 0)) <= last_iter:
+            keep.append(line)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(keep))
+
+
 def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
     out = {}
     for k, v in batch.items():
@@ -306,17 +324,28 @@ def _train(cfg: Config, device: torch.device, run_dir: Path, resuming: bool, ran
         if not latest.exists():
             raise CheckpointError(f"{latest}: no checkpoint to resume from (the run never saved one).")
         ckpt = read_checkpoint(latest)
-        student.load_state_dict(ckpt["model"])
-        if teacher is not None and ckpt.get("ema_model") is not None:
-            teacher.model.load_state_dict(ckpt["ema_model"])
-        if imnet is not None and ckpt.get("imnet_model") is not None:
-            imnet.load_state_dict(ckpt["imnet_model"])
-        if bank is not None and ckpt.get("instance_bank") is not None:
-            bank.load_state_dict(ckpt["instance_bank"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_iter = int(ckpt["iteration"])
+        try:
+            student.load_state_dict(ckpt["model"])
+            if teacher is not None and ckpt.get("ema_model") is not None:
+                teacher.model.load_state_dict(ckpt["ema_model"])
+            if imnet is not None and ckpt.get("imnet_model") is not None:
+                imnet.load_state_dict(ckpt["imnet_model"])
+            if bank is not None and ckpt.get("instance_bank") is not None:
+                bank.load_state_dict(ckpt["instance_bank"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if scaler is not None and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            start_iter = int(ckpt["iteration"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            first = str(e).strip().splitlines()[:4]
+            raise CheckpointError(
+                f"{latest}: does not match this run's model/optimizer ({type(e).__name__}: "
+                f"{' '.join(line.strip() for line in first)[:400]}). It was written by another "
+                "configuration: resume without model overrides, or start a new run.dir."
+            ) from None
+        if is_main:  # drop log rows written after this checkpoint (a kill -9 between log and save)
+            for name in ("metrics.jsonl", "eval.jsonl"):
+                _truncate_log(run_dir / name, start_iter)
         bad_files = list(ckpt.get("meta", {}).get("bad_files", []))
         if is_main:
             print(f"Resuming {run_dir} from iteration {start_iter}.", flush=True)
@@ -341,7 +370,14 @@ def _train(cfg: Config, device: torch.device, run_dir: Path, resuming: bool, ran
     def save(it: int) -> Path | None:
         if not is_main:
             return None
-        return write_checkpoint(run_dir, it, make_state(it), t_cfg.keep_last)
+        try:
+            return write_checkpoint(run_dir, it, make_state(it), t_cfg.keep_last)
+        except OSError as e:
+            last = list_checkpoints(run_dir)
+            kept = f"the previous checkpoint {last[-1][1]} is intact" if last else "no earlier checkpoint exists"
+            raise CheckpointError(
+                f"{run_dir / f'iter_{it}.pth'}: writing the checkpoint failed ({e}); {kept}. Free disk space "
+                "or fix the folder's permissions, then continue with --resume.") from e
 
     # ---- data ------------------------------------------------------------------------------------
     train_set, val_set = build_uda_datasets(cfg.data, seed=cfg.run.seed)
@@ -391,9 +427,13 @@ def _train(cfg: Config, device: torch.device, run_dir: Path, resuming: bool, ran
                     raise DataError(f"{e} (training stopped at iteration {it}; checkpoint written to "
                                     f"{run_dir / 'latest.pth'}; fix the data, then --resume)") from None
                 for f in batch.pop("bad_files", []) or []:
-                    bad_files.extend(f if isinstance(f, list) else [f])
-                    if is_main:
-                        print(f"warning: skipped unreadable sample(s) {f}", file=sys.stderr, flush=True)
+                    # distinct files count against max_bad_samples (one bad file may be drawn often)
+                    new = [x for x in (f if isinstance(f, list) else [f]) if x not in bad_files]
+                    bad_files.extend(new)
+                    if is_main and new:
+                        print(f"warning: skipped unreadable sample(s) {', '.join(new)} (replaced by other "
+                              f"samples; {len(bad_files)} of data.max_bad_samples={cfg.data.max_bad_samples})",
+                              file=sys.stderr, flush=True)
                 if len(bad_files) > cfg.data.max_bad_samples:
                     save(it)
                     raise DataError(

@@ -33,7 +33,8 @@ from torch import Tensor
 from dida.constants import IMG_MEAN, IMG_STD
 
 __all__ = [
-    "AugmentGates", "draw_gates", "host_to_device", "denormalize", "renormalize", "adjust_brightness", "adjust_contrast",
+    "AugmentGates", "draw_gates", "host_to_device", "denormalize", "renormalize", "adjust_brightness",
+    "adjust_contrast",
     "adjust_saturation", "adjust_hue", "color_jitter", "blur_kernel_size", "gaussian_kernel1d",
     "gaussian_blur", "strong_augment", "weak_augment",
 ]

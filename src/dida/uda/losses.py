@@ -28,7 +28,8 @@ def seg_ce(logits: Tensor, labels: Tensor, weight: Tensor | None = None,
         Scalar loss tensor.
     """
     if logits.shape[-2:] != labels.shape[-2:]:
-        raise ValueError(f"seg_ce: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} differ in size")
+        raise ValueError(
+            f"seg_ce: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} differ in size")
     loss = F.cross_entropy(logits.float(), labels, reduction="none", ignore_index=ignore_index)
     if weight is not None:
         loss = loss * weight

@@ -176,7 +176,8 @@ class SelfTrainingStep:
         autocast_dtype: torch.dtype | None = None,
     ) -> None:
         if method not in ("source_only", "daformer", "dida"):
-            raise ValueError(f"SelfTrainingStep: method must be source_only, daformer or dida, got {method!r}")
+            raise ValueError(
+                f"SelfTrainingStep: method must be source_only, daformer or dida, got {method!r}")
         if method != "source_only" and teacher is None:
             raise ValueError(f"SelfTrainingStep: method {method!r} needs an EMA teacher")
         if method == "dida" and bank is None:
@@ -184,9 +185,11 @@ class SelfTrainingStep:
         if method != "source_only" and feature_distance and imnet_model is None:
             raise ValueError("SelfTrainingStep: the feature distance is enabled but no imnet_model was given")
         if mix_classes not in ("batch_union", "per_image"):
-            raise ValueError(f"SelfTrainingStep: mix_classes must be batch_union or per_image, got {mix_classes!r}")
+            raise ValueError(
+                f"SelfTrainingStep: mix_classes must be batch_union or per_image, got {mix_classes!r}")
         if bank_update_interval < 1:
-            raise ValueError(f"SelfTrainingStep: bank_update_interval must be >= 1, got {bank_update_interval}")
+            raise ValueError(
+                f"SelfTrainingStep: bank_update_interval must be >= 1, got {bank_update_interval}")
         self.student = student
         self.teacher = teacher
         self.imnet_model = imnet_model
@@ -199,7 +202,8 @@ class SelfTrainingStep:
         self.mix_classes = mix_classes
         self.feature_distance = bool(feature_distance) and method != "source_only"
         self.feature_distance_weight = float(feature_distance_weight)
-        self.feature_distance_classes = None if feature_distance_classes is None else tuple(feature_distance_classes)
+        self.feature_distance_classes = (
+            None if feature_distance_classes is None else tuple(int(c) for c in feature_distance_classes))
         self.feature_distance_min_ratio = float(feature_distance_min_ratio)
         self.feature_distance_empty = feature_distance_empty
         self.color_jitter_strength = float(color_jitter_strength)
@@ -270,7 +274,8 @@ class SelfTrainingStep:
                              class_mean=self.bank_class_mean, absent=self.bank_absent)
         return True
 
-    def feature_distance_stage(self, img: Tensor, label: Tensor, student_features: Sequence[Tensor]) -> Tensor:
+    def feature_distance_stage(self, img: Tensor, label: Tensor,
+                               student_features: Sequence[Tensor]) -> Tensor:
         """ImageNet feature distance on the last backbone stage, over thing-class cells.
 
         Args:
@@ -336,7 +341,8 @@ class SelfTrainingStep:
             img, target_img: [B, 3, H, W]; label: [B, H, W]; pseudo: from ``pseudo_label_stage``.
         """
         with torch.no_grad():
-            mask = class_mix_masks(label, generator, self.ignore_index, per_image=self.mix_classes == "per_image")
+            mask = class_mix_masks(label, generator, self.ignore_index,
+                                   per_image=self.mix_classes == "per_image")
             mixed_img, mixed_label, mixed_weight = mix_batch(mask, img, target_img, label, pseudo.labels,
                                                              pseudo.weight)
             mixed_img = strong_augment(mixed_img, gates, generator, self.color_jitter_strength,
@@ -356,7 +362,8 @@ class SelfTrainingStep:
         assert self.bank is not None
         return instance_term(self.bank, pseudo.teacher_embedding, mixed.output.embedding,
                              mixed.output.logits.detach(), out_size=(int(out_size[0]), int(out_size[1])),
-                             weight=self.instance_weight, calibrate=self.calibrate, chunk_rows=self.chunk_rows)
+                             weight=self.instance_weight, calibrate=self.calibrate,
+                             chunk_rows=self.chunk_rows)
 
     # --------------------------------------------------------------------------------------- call
 
@@ -414,7 +421,8 @@ class SelfTrainingStep:
         if uda:
             target_img = batch["target_img"]
             if target_img.shape != img.shape:
-                raise ValueError(f"step: target_img {tuple(target_img.shape)} and img {tuple(img.shape)} differ")
+                raise ValueError(
+                    f"step: target_img {tuple(target_img.shape)} and img {tuple(img.shape)} differ")
             # 7-9. Pseudo-labels from the teacher.
             pseudo = self.pseudo_label_stage(target_img, weak_gates, generator)
             stats["stat/pseudo_weight"] = pseudo.confident_fraction
@@ -467,7 +475,8 @@ def build_step(cfg: UDACfg, *, student: nn.Module, teacher: EMATeacher | None, i
         pseudo_weight_ignore_bottom=cfg.pseudo_weight_ignore_bottom, mix_classes=cfg.mix_classes,
         feature_distance=fd.enabled, feature_distance_weight=fd.weight, feature_distance_classes=fd.classes,
         feature_distance_min_ratio=fd.scale_min_ratio, feature_distance_empty=fd.empty_mask,
-        color_jitter_strength=aug.color_jitter_strength, color_jitter_prob=aug.color_jitter_prob, blur=aug.blur,
+        color_jitter_strength=aug.color_jitter_strength, color_jitter_prob=aug.color_jitter_prob,
+        blur=aug.blur,
         bank_update_interval=bk.update_interval, bank_momentum=bk.momentum, bank_class_mean=bk.class_mean,
         bank_absent=bk.absent_classes, instance_weight=dl.instance_weight, calibrate=dl.calibrate,
         a_smooth=dl.a_smooth, weak_augment=dl.weak_augment, chunk_rows=dl.chunk_rows,
