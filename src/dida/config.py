@@ -239,6 +239,15 @@ def preset_names() -> list[str]:
 
 def _read_yaml(text: str, source: str) -> dict[str, Any]:
     try:
+        # Aliases can expand without limit ("billion laughs") or refer to themselves: refuse them while
+        # scanning the event stream, which is linear in the size of the text.
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise ConfigError(
+                    f"{source}: YAML aliases (*{event.anchor}) are not accepted in config files, since they "
+                    "can expand without limit. Write the values out, or start from another preset with "
+                    "'inherit:'."
+                )
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML ({e}).") from None
@@ -380,10 +389,12 @@ def validate(cfg: Config) -> None:
     _check(0 <= cfg.model.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
     _check(d.batch_size >= 1, "data.batch_size", "must be >= 1")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(d.max_bad_samples >= 0, "data.max_bad_samples", "must be >= 0")
     _check(d.rcs.temperature > 0, "data.rcs.temperature", "must be > 0")
     for name in ("source", "target", "val"):
         ds: DatasetCfg = getattr(d, name)
         key = f"data.{name}"
+        _check(ds.kind != "folder" or bool(ds.root), f"{key}.root", "a folder dataset needs a root")
         _check(len(ds.img_scale) == 2 and min(ds.img_scale) > 0, f"{key}.img_scale", "two positive ints")
         _check(len(ds.crop_size) == 2 and min(ds.crop_size) > 0, f"{key}.crop_size", "two positive ints")
         _check(0 < ds.cat_max_ratio <= 1, f"{key}.cat_max_ratio", "must be in (0, 1]")

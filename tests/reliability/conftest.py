@@ -1,4 +1,4 @@
-"""Shared fixtures of the reliability tests: a tiny generated GTA -> Cityscapes pair and the tiny_cpu config."""
+"""Shared fixtures of the reliability tests: a tiny generated GTA -> Cityscapes pair."""
 
 from __future__ import annotations
 

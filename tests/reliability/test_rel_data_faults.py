@@ -75,7 +75,8 @@ def test_too_many_bad_samples_stop_with_the_list_and_a_checkpoint(rel_data_copy,
 @pytest.mark.parametrize("which", ["target", "source"])
 def test_dataset_folder_vanishing_mid_run_stops_with_a_clear_error_and_a_checkpoint(
         rel_data_copy, tmp_path, monkeypatch, which):
-    folder = rel_data_copy / ("cs" / Path("leftImg8bit") / "train" if which == "target" else "gta" / Path("images"))
+    folder = (rel_data_copy / "cs" / "leftImg8bit" / "train" if which == "target"
+              else rel_data_copy / "gta" / "images")
     cfg = tiny_cfg(rel_data_copy, tmp_path / "run", "train.max_iters=6", "train.checkpoint_interval=0")
     _after_step(monkeypatch, 2, lambda: shutil.rmtree(folder))
     with pytest.raises(DataError) as e:

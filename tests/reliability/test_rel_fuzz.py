@@ -72,17 +72,20 @@ def test_lookup_tables_are_total_and_inverse():
 
 
 @FUZZ
-@given(shape=st.tuples(st.integers(2, 40), st.integers(2, 40)), scale=st.tuples(st.integers(4, 48), st.integers(4, 48)),
+@given(shape=st.tuples(st.integers(2, 40), st.integers(2, 40)),
+       scale=st.tuples(st.integers(4, 48), st.integers(4, 48)),
        crop=st.tuples(st.integers(1, 32), st.integers(1, 32)), cat_max=st.sampled_from([0.75, 1.0]),
        seed=st.integers(0, 2**32 - 1), data=st.data())
 def test_train_pipeline_keeps_label_values(shape, scale, crop, cat_max, seed, data):
     # Extreme aspect ratios whose resized short side rounds to 0 make cv2.resize raise (reported to the
     # data owner: resize_keep_ratio should clamp to 1 pixel or raise DataError); keep them out here.
     assume(min(rescale_size(shape[1], shape[0], scale)) >= 1)
-    values = data.draw(st.lists(st.sampled_from(list(range(NUM_CLASSES)) + [IGNORE_INDEX]), min_size=1, max_size=4))
+    classes = list(range(NUM_CLASSES)) + [IGNORE_INDEX]
+    values = data.draw(st.lists(st.sampled_from(classes), min_size=1, max_size=4))
     label = data.draw(arrays(np.uint8, shape, elements=st.sampled_from(values)))
     img = np.random.default_rng(seed).integers(0, 256, size=(*shape, 3), dtype=np.uint8)
-    out_img, out_label = TrainPipeline(scale, crop, cat_max_ratio=cat_max)(img, label, np.random.default_rng(seed))
+    pipeline = TrainPipeline(scale, crop, cat_max_ratio=cat_max)
+    out_img, out_label = pipeline(img, label, np.random.default_rng(seed))
     assert tuple(out_img.shape) == (3, *crop) and tuple(out_label.shape) == tuple(crop)
     assert out_label.dtype == torch.int64 and torch.isfinite(out_img).all()
     # nearest resize, crop, flip and pad never invent classes (padding is 255)

@@ -7,6 +7,7 @@ computes or writes a later one.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,11 +21,12 @@ from rel_helpers import cli, data_overrides, read_jsonl
 from dida.checkpoint import read_checkpoint
 from dida.engine.train import list_checkpoints
 
-MAX_ITERS = 24
+MAX_ITERS = 16
 
 
 def _train_cmd(data_root: Path, run_dir: Path) -> list[str]:
-    return cli("train", "tiny_cpu", f"run.dir={run_dir}", *data_overrides(data_root), "run.deterministic=true",
+    return cli("train", "tiny_cpu", f"run.dir={run_dir}", *data_overrides(data_root),
+               "run.deterministic=true",
                "train.checkpoint_interval=1", f"train.max_iters={MAX_ITERS}", "train.keep_last=3")
 
 
@@ -88,6 +90,11 @@ def test_kill9_then_resume_equals_an_uninterrupted_run(rel_data, tmp_path, capsy
         assert read_checkpoint(path)["iteration"] == it
     killed_at = read_checkpoint(run / "latest.pth")["iteration"]
     assert killed_at == ckpts[-1][0] and 2 <= killed_at < MAX_ITERS
+    # only the first run wrote the log (no interleaving from the refused one): rows 1, 2, ... once each
+    complete = [line for line in (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+                if line.endswith("\n")]
+    iters = [json.loads(line)["iter"] for line in complete]
+    assert iters == list(range(1, len(iters) + 1)) and len(iters) >= killed_at
 
     res = subprocess.run(cli("train", "--resume", str(run)), capture_output=True, text=True, env=env,
                          timeout=300)

@@ -66,7 +66,8 @@ def test_resident_memory_is_flat_after_warmup(rel_data, tmp_path):
             proc.kill()
     elapsed = time.time() - t0
     assert proc.returncode == 0, err[-3000:]
-    report = {"iterations": ITERS, "seconds": round(elapsed, 1), "samples": [(i, round(r, 1)) for i, r in samples]}
+    report = {"iterations": ITERS, "seconds": round(elapsed, 1),
+              "samples": [(i, round(r, 1)) for i, r in samples]}
     assert len(samples) >= 3, report
     first = samples[0][1]
     peak = max(r for _, r in samples)

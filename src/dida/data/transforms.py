@@ -105,6 +105,11 @@ def resize_keep_ratio(
     """Keep-ratio resize of an image [H, W, C] uint8 ("bilinear") or label [H, W] ("nearest") with OpenCV."""
     h, w = array.shape[:2]
     new_w, new_h = rescale_size(w, h, img_scale)
+    if min(new_w, new_h) < 1:
+        raise DataError(
+            f"an image of {w}x{h} pixels resizes to {new_w}x{new_h} at scale {tuple(img_scale)}: too thin to "
+            "use. Remove it from the dataset."
+        )
     flag = {"bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}[interpolation]
     return cv2.resize(array, (new_w, new_h), interpolation=flag)
 

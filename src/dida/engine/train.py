@@ -374,7 +374,8 @@ def _train(cfg: Config, device: torch.device, run_dir: Path, resuming: bool, ran
             return write_checkpoint(run_dir, it, make_state(it), t_cfg.keep_last)
         except OSError as e:
             last = list_checkpoints(run_dir)
-            kept = f"the previous checkpoint {last[-1][1]} is intact" if last else "no earlier checkpoint exists"
+            kept = (f"the previous checkpoint {last[-1][1]} is intact" if last
+                    else "no earlier checkpoint exists")
             raise CheckpointError(
                 f"{run_dir / f'iter_{it}.pth'}: writing the checkpoint failed ({e}); {kept}. Free disk space "
                 "or fix the folder's permissions, then continue with --resume.") from e
@@ -432,8 +433,8 @@ def _train(cfg: Config, device: torch.device, run_dir: Path, resuming: bool, ran
                     bad_files.extend(new)
                     if is_main and new:
                         print(f"warning: skipped unreadable sample(s) {', '.join(new)} (replaced by other "
-                              f"samples; {len(bad_files)} of data.max_bad_samples={cfg.data.max_bad_samples})",
-                              file=sys.stderr, flush=True)
+                              f"samples; {len(bad_files)} of data.max_bad_samples="
+                              f"{cfg.data.max_bad_samples})", file=sys.stderr, flush=True)
                 if len(bad_files) > cfg.data.max_bad_samples:
                     save(it)
                     raise DataError(

@@ -53,6 +53,25 @@ def _tokens_to_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.transpose(1, 2).unflatten(2, (h, w))
 
 
+def conv_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` with the weight in channels-last strides, for maps that are token views.
+
+    A token tensor [B, N, C] viewed as [B, C, h, w] has channels-last strides. With a channels-last
+    weight too, oneDNN and cuDNN convolve in NHWC directly: the map is not copied to NCHW and the
+    output's ``flatten(2).transpose(1, 2)`` is already contiguous tokens (no copy in the next Linear).
+    Same values as ``conv(x)`` up to float rounding. A depthwise weight [C, 1, k, k] gets the strides
+    by a view (``.contiguous(memory_format=...)`` would keep its NCHW strides: size-1 dim); others are
+    copied once per call (small; free once the model itself is channels-last).
+    """
+    w = conv.weight
+    o, i, kh, kw = w.shape
+    if i == 1:
+        w = w.reshape(o, kh, kw, 1).permute(0, 3, 1, 2)
+    else:
+        w = w.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(x, w, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 class OverlapPatchEmbed(nn.Module):
     """Strided conv with overlap, then LayerNorm(eps 1e-5) over tokens.
 
@@ -65,7 +84,7 @@ class OverlapPatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=DEFAULT_LN_EPS)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        x = self.proj(x)
+        x = conv_channels_last(self.proj, x)
         h, w = x.shape[-2:]
         return self.norm(x.flatten(2).transpose(1, 2)), h, w
 
@@ -94,7 +113,7 @@ class EfficientSelfAttention(nn.Module):
         head_dim = c // self.num_heads
         q = self.q(x).unflatten(2, (self.num_heads, head_dim)).transpose(1, 2)  # [B, heads, N, d]
         if self.sr_ratio > 1:
-            reduced = self.sr(_tokens_to_map(x, h, w)).flatten(2).transpose(1, 2)  # [B, M, C]
+            reduced = conv_channels_last(self.sr, _tokens_to_map(x, h, w)).flatten(2).transpose(1, 2)  # [B, M, C]
             kv_in = self.norm(reduced)
         else:
             kv_in = x
@@ -126,7 +145,7 @@ class DepthwiseConv(nn.Module):
         self.dwconv = nn.Conv2d(dim, dim, 3, stride=1, padding=1, groups=dim)
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        return self.dwconv(_tokens_to_map(x, h, w)).flatten(2).transpose(1, 2)
+        return conv_channels_last(self.dwconv, _tokens_to_map(x, h, w)).flatten(2).transpose(1, 2)
 
 
 class Block(nn.Module):
