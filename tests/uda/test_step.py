@@ -200,15 +200,8 @@ def test_missing_pieces_rejected(tiny_model_kwargs):
                          num_classes=4)
 
 
-_DIDA_SYNC = pytest.mark.xfail(
-    reason="dual_level builds its interpolation matrices on the CPU and copies them to the GPU on every call "
-    "(a synchronising copy); remove this mark once dida.uda.dual_level caches them on the device",
-    strict=False,
-)
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["daformer", pytest.param("dida", marks=_DIDA_SYNC)])
+@pytest.mark.parametrize("method", ["daformer", "dida"])
 def test_cuda_bf16_step_has_no_host_sync(tiny_model_kwargs, method):
     dev = torch.device("cuda")
     step = _setup(tiny_model_kwargs, method=method, color_jitter_prob=0.0, weak_augment=True,

@@ -21,6 +21,8 @@ gradient is computed in closed form inside the same loop, so peak memory grows w
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -87,7 +89,16 @@ def interp1d(in_size: int, out_size: int, device: torch.device | str | None = No
 def bilinear_matrices(
     in_size: tuple[int, int], out_size: tuple[int, int], device: torch.device | str | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Dense matrices ``A_h [H, h]`` and ``A_w [W, w]`` with ``up(x) = A_h @ x @ A_w.T`` (per channel)."""
+    """Dense matrices ``A_h [H, h]`` and ``A_w [W, w]`` with ``up(x) = A_h @ x @ A_w.T`` (per channel).
+
+    Cached per (sizes, device): inside the training step they are built and copied to the device once.
+    """
+    return _bilinear_matrices(tuple(int(v) for v in in_size), tuple(int(v) for v in out_size),
+                              str(torch.device(device)) if device is not None else "cpu")
+
+
+@functools.lru_cache(maxsize=64)
+def _bilinear_matrices(in_size: tuple[int, ...], out_size: tuple[int, ...], device: str) -> tuple[Tensor, Tensor]:
     return (
         interp1d(in_size[0], out_size[0], device).matrix(),
         interp1d(in_size[1], out_size[1], device).matrix(),
@@ -125,6 +136,17 @@ def downsample_adjoint(m: Tensor, size: tuple[int, int]) -> Tensor:
     so they can be computed at the embedding's resolution, exactly up to float rounding.
     """
     return resize_adjoint(m, size)
+
+
+@functools.lru_cache(maxsize=64)
+def _row_chunk_upsampler(in_size: tuple[int, int], out_size: tuple[int, int], device: str) -> RowChunkUpsampler:
+    return RowChunkUpsampler(in_size, out_size, torch.device(device))
+
+
+def row_chunk_upsampler(in_size: tuple[int, ...], out_size: tuple[int, ...], device: torch.device) -> RowChunkUpsampler:
+    """A cached ``RowChunkUpsampler``: its matrix reaches the device once, not on every step."""
+    return _row_chunk_upsampler((int(in_size[0]), int(in_size[1])), (int(out_size[0]), int(out_size[1])),
+                                str(device))
 
 
 class RowChunkUpsampler:
@@ -362,7 +384,7 @@ def instance_term(
             s_low = bank.similarity(e_w)
             g_low = gather_by_label(z, bank.labels) if calibrate else None
         p_low = bank.similarity(e_s)
-        ups = RowChunkUpsampler((h, w), out_size, e_s.device)
+        ups = row_chunk_upsampler((h, w), out_size, e_s.device)
         scale = float(weight) / float(e_s.shape[0] * out_size[0] * out_size[1])
         return _ChunkedInstanceLoss.apply(p_low, s_low, g_low, ups, int(chunk_rows), scale)
 
@@ -395,7 +417,7 @@ def semantic_term(
         if chunk_rows == 0:
             return scatter_semantic(teacher_probs, bank.similarity(resize(e_w, out_size)), bank.labels, a_smooth)
         s_low = bank.similarity(e_w)
-        ups = RowChunkUpsampler(tuple(e_w.shape[-2:]), out_size, e_w.device)
+        ups = row_chunk_upsampler(tuple(e_w.shape[-2:]), out_size, e_w.device)
         out = torch.empty_like(teacher_probs)
         for r0 in range(0, out_size[0], chunk_rows):
             r1 = min(out_size[0], r0 + chunk_rows)

@@ -10,7 +10,8 @@ Reference order inside one iteration (spec 4.6), each stage a method below:
 6. ``feature_distance_stage``: frozen ImageNet features vs the student's stage-4 features on thing
    classes -> ``loss/feat_dist``; backward.
 7-9. ``pseudo_label_stage``: (optional weak view) teacher on the target -> pseudo-labels and weight.
-9-10. ``mix_stage``: ClassMix, strong augmentation, student on the mixed crop -> ``loss/mix_ce``; backward.
+9-10. ``mix_stage``: ClassMix, strong augmentation, student on the mixed crop -> ``loss/mix_ce``; backward
+    (DIDA: after step 13, of the sum with the instance loss, one pass through the shared forward).
 11-13. ``instance_stage`` (DIDA): the calibrated instance loss -> ``loss/instance``; backward.
 
 The step never steps the optimizer and writes no files. When ``backward`` is given, each loss is
@@ -377,7 +378,8 @@ class SelfTrainingStep:
             step: the 0-based iteration index (drives the EMA and bank schedules).
             generator: CPU ``torch.Generator``, the only source of the step's randomness besides the
                 network's dropout (torch's global RNG, as in the reference).
-            backward: ``backward(loss, retain_graph=...)`` called per stage in the reference order, or None.
+            backward: ``backward(loss, retain_graph=...)`` called per stage in the reference order (DIDA's
+                mix and instance losses as one sum), or None.
             debug: also return debug tensors.
         """
         img, label = batch["img"], batch["label"]
@@ -429,12 +431,16 @@ class SelfTrainingStep:
             # 9-10. ClassMix + strong augmentation + student.
             mixed = self.mix_stage(img, label, target_img, pseudo, gates, generator)
             losses["loss/mix_ce"] = mixed.loss
-            run_backward(mixed.loss, retain_graph=self.method == "dida")
-            # 11-13. DIDA instance term.
             if self.method == "dida":
+                # 11-13. DIDA instance term. It backpropagates through the same student forward as the
+                # mix loss, and nothing between the reference's two backward passes reads a gradient:
+                # one backward of the sum gives the same gradients (up to float rounding) at the cost
+                # of one pass through the student instead of two (the graph was retained anyway).
                 inst = self.instance_stage(pseudo, mixed, label.shape[-2:])
                 losses["loss/instance"] = inst
-                run_backward(inst, retain_graph=False)
+                run_backward(mixed.loss + inst, retain_graph=False)
+            else:
+                run_backward(mixed.loss, retain_graph=False)
             if debug:
                 dbg = {
                     "source": img.detach(), "source_label": label.detach(),
