@@ -43,7 +43,8 @@ def test_layout_and_names(synth_root: Path):
         assert (gt / f"{stem}_gtFine_polygons.json").is_file()
         assert (gt / f"{stem}_gtFine_labelIds.png").is_file()
     manifest = json.loads((synth_root / synthetic.MANIFEST_NAME).read_text())
-    assert manifest["seed"] == 0 and manifest["width"] == 96 and manifest["version"] == synthetic.GENERATOR_VERSION
+    assert manifest["seed"] == 0 and manifest["width"] == 96
+    assert manifest["version"] == synthetic.GENERATOR_VERSION
 
 
 def test_gta_formats(synth_root: Path):
@@ -124,10 +125,11 @@ def test_domain_gap(tmp_path: Path):
     """Per-class mean colours differ between domains while the class layout is shared."""
     params = SynthParams(seed=0, num_source=12, num_target_train=12, num_val=1, width=128, height=64)
     generate(tmp_path, params, nproc=1, progress=False)
-    src_img = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((tmp_path / "gta/images").glob("*.png"))]
+    rgb = lambda p: np.asarray(Image.open(p).convert("RGB"))  # noqa: E731
+    src_img = [rgb(p) for p in sorted((tmp_path / "gta/images").glob("*.png"))]
     src_lab = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "gta/labels").glob("*.png"))]
     cs = tmp_path / "cityscapes"
-    tgt_img = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((cs / "leftImg8bit/train").rglob("*.png"))]
+    tgt_img = [rgb(p) for p in sorted((cs / "leftImg8bit/train").rglob("*.png"))]
     tgt_lab = [np.asarray(Image.open(p)) for p in sorted((cs / "gtFine/train").rglob("*_labelIds.png"))]
     ms, mt = _class_means(src_img, src_lab), _class_means(tgt_img, tgt_lab)
     both = ~np.isnan(ms).any(1) & ~np.isnan(mt).any(1)

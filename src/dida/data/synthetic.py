@@ -181,7 +181,9 @@ def _lid(name: str) -> int:
     return TRAINID_TO_LABELID[_T[name]]
 
 
-def sample_layout(rng: np.random.Generator, width: int, height: int, ego_vehicle: bool) -> tuple[list[Obj], dict]:
+def sample_layout(
+    rng: np.random.Generator, width: int, height: int, ego_vehicle: bool
+) -> tuple[list[Obj], dict]:
     """Draw one street scene as polygons in painter's order; returns (objects, scene parameters)."""
     W, H = float(width), float(height)
     yh = H * rng.uniform(0.36, 0.48)  # horizon
@@ -323,7 +325,8 @@ def sample_layout(rng: np.random.Generator, width: int, height: int, ego_vehicle
         body = [(xc - w * 0.35, yb), (xc - w * 0.45, yb - 0.45 * h), (xc - w * 0.5, yb - 0.8 * h),
                 (xc + w * 0.5, yb - 0.8 * h), (xc + w * 0.45, yb - 0.45 * h), (xc + w * 0.35, yb),
                 (xc + w * 0.05, yb), (xc, yb - 0.4 * h), (xc - w * 0.05, yb)]
-        return [_poly(_lid(label), body), _poly(_lid(label), _ellipse(xc, yb - 0.8 * h - head, head, head * 1.1, 8))]
+        head_pts = _ellipse(xc, yb - 0.8 * h - head, head, head * 1.1, 8)
+        return [_poly(_lid(label), body), _poly(_lid(label), head_pts)]
 
     def two_wheeler(t: float, u: float, name: str) -> list[Obj]:
         s = t * s_unit
@@ -334,9 +337,9 @@ def sample_layout(rng: np.random.Generator, width: int, height: int, ego_vehicle
                  _poly(_lid(name), _ellipse(xc + gap / 2, yb - r, r, r, 10))]
         if name == "bicycle":
             th = max(1.0, 0.03 * s)
-            parts.append(_poly(_lid(name), [(xc - gap / 2, yb - r - th), (xc, yb - 2.6 * r), (xc + gap / 2, yb - r - th),
-                                            (xc + gap / 2, yb - r + th), (xc, yb - 2.6 * r + 2 * th),
-                                            (xc - gap / 2, yb - r + th)]))
+            parts.append(_poly(_lid(name), [(xc - gap / 2, yb - r - th), (xc, yb - 2.6 * r),
+                                            (xc + gap / 2, yb - r - th), (xc + gap / 2, yb - r + th),
+                                            (xc, yb - 2.6 * r + 2 * th), (xc - gap / 2, yb - r + th)]))
         else:
             parts.append(_poly(_lid(name), [(xc - gap * 0.6, yb - 1.2 * r), (xc - gap * 0.3, yb - 2.8 * r),
                                             (xc + gap * 0.5, yb - 2.6 * r), (xc + gap * 0.6, yb - 1.2 * r)]))
@@ -360,8 +363,8 @@ def sample_layout(rng: np.random.Generator, width: int, height: int, ego_vehicle
 
     if ego_vehicle:  # Cityscapes' ego-vehicle hood at the bottom (label id 1, ignored)
         eh = H * rng.uniform(0.05, 0.08)
-        objs.append(_poly(EGO_VEHICLE_ID, [(0, H - 1), (0, H - eh * 0.6), (W * 0.3, H - eh), (W * 0.7, H - eh),
-                                           (W - 1, H - eh * 0.6), (W - 1, H - 1)]))
+        objs.append(_poly(EGO_VEHICLE_ID, [(0, H - 1), (0, H - eh * 0.6), (W * 0.3, H - eh),
+                                           (W * 0.7, H - eh), (W - 1, H - eh * 0.6), (W - 1, H - 1)]))
     return objs, scene
 
 
@@ -432,7 +435,8 @@ def _texture(tid: int, xs: np.ndarray, ys: np.ndarray, rel_x: np.ndarray, rel_y:
     if name == "pole":
         return 0.05 * hi
     if name == "traffic light":
-        lamps = (np.mod(rel_y * 3.0, 1.0) > 0.25) & (np.mod(rel_y * 3.0, 1.0) < 0.75) & (np.abs(rel_x - 0.5) < 0.3)
+        phase = np.mod(rel_y * 3.0, 1.0)
+        lamps = (phase > 0.25) & (phase < 0.75) & (np.abs(rel_x - 0.5) < 0.3)
         return 2.5 * lamps
     if name == "traffic sign":
         border = np.maximum(np.abs(rel_x - 0.5), np.abs(rel_y - 0.5)) > 0.38
@@ -446,7 +450,8 @@ def _texture(tid: int, xs: np.ndarray, ys: np.ndarray, rel_x: np.ndarray, rel_y:
     if name in ("person", "rider"):
         return -0.35 * (rel_y > 0.55) + 0.05 * hi
     if name == "car":
-        return -0.45 * ((rel_y > 0.08) & (rel_y < 0.42) & (rel_x > 0.2) & (rel_x < 0.8)) - 0.6 * (rel_y > 0.88)
+        windows = (rel_y > 0.08) & (rel_y < 0.42) & (rel_x > 0.2) & (rel_x < 0.8)
+        return -0.45 * windows - 0.6 * (rel_y > 0.88)
     if name == "truck":
         return -0.4 * ((rel_y > 0.1) & (rel_y < 0.3) & (rel_x > 0.72)) - 0.5 * (rel_y > 0.9) + 0.05 * lo
     if name in ("bus", "train"):
@@ -598,14 +603,18 @@ def read_manifest(root: str | os.PathLike[str]) -> dict[str, Any] | None:
         return None
 
 
-def generate(root: str | os.PathLike[str], params: SynthParams, nproc: int = 2, progress: bool = True) -> Path:
+def generate(
+    root: str | os.PathLike[str], params: SynthParams, nproc: int = 2, progress: bool = True
+) -> Path:
     """Generate the benchmark under ``root`` (``root/gta``, ``root/cityscapes``); returns ``root``.
 
     The manifest ``root/synth_manifest.json`` is written last, so its presence means a complete set.
     """
     root = Path(root)
     if min(params.width, params.height) < 16:
-        raise DataError(f"synthetic image size {params.width}x{params.height} is too small; use at least 16x16.")
+        raise DataError(
+            f"synthetic image size {params.width}x{params.height} is too small; use at least 16x16."
+        )
     if min(params.num_source, params.num_target_train, params.num_val) < 1:
         raise DataError("--num-source, --num-target-train and --num-val must each be at least 1.")
     (root / MANIFEST_NAME).unlink(missing_ok=True)

@@ -53,7 +53,7 @@ QUICK_OVERRIDES: tuple[str, ...] = (
 
 
 def ensure_data(root: Path, params: SynthParams, nproc: int) -> bool:
-    """Generate and convert the benchmark under ``root`` unless it is there already. Returns True if (re)made."""
+    """Generate and convert the benchmark under ``root`` unless it is there; True if (re)made."""
     from dida.data.convert import convert_dataset
 
     manifest = read_manifest(root)
@@ -262,7 +262,8 @@ def format_table(results: dict[str, Any]) -> str:
     sep = "|---|" + "---:|" * len(methods)
     rows = [f"| {c} | " + " | ".join(_pct(results[m]["IoU"].get(c)) for m in methods) + " |"
             for c in CITYSCAPES_CLASSES]
-    rows.append("| **mIoU** | " + " | ".join(f"**{_pct(results[m]['mIoU']).strip()}**" for m in methods) + " |")
+    means = " | ".join(f"**{_pct(results[m]['mIoU']).strip()}**" for m in methods)
+    rows.append(f"| **mIoU** | {means} |")
     return "\n".join([head, sep, *rows])
 
 
@@ -271,12 +272,13 @@ def _duration(result: dict[str, Any]) -> str:
 
 
 def write_report(out: Path, results: dict[str, Any], info: dict[str, Any]) -> Path:
+    data = info["data"]
     lines = [
         "# dida demo: synthetic GTA-like -> Cityscapes-like adaptation",
         "",
-        f"Data: `{info['data_root']}` ({info['data']['num_source']} source, {info['data']['num_target_train']} "
-        f"target-train, {info['data']['num_val']} target-val images of {info['data']['width']}x"
-        f"{info['data']['height']}; generator seed {info['data']['seed']}). Training seed {info['seed']}, "
+        f"Data: `{info['data_root']}` ({data['num_source']} source, {data['num_target_train']} "
+        f"target-train, {data['num_val']} target-val images of {data['width']}x"
+        f"{data['height']}; generator seed {data['seed']}). Training seed {info['seed']}, "
         f"{info['iters']} iterations per method{' (quick smoke run)' if info['quick'] else ''}.",
         "",
         "IoU (%) on the target validation split (student model, whole-image inference):",
@@ -291,7 +293,8 @@ def write_report(out: Path, results: dict[str, Any], info: dict[str, Any]) -> Pa
         "",
         "![predictions](predictions.png)",
         "",
-        "Columns: target image, ground truth, then each method's prediction (Cityscapes palette; black = ignored).",
+        "Columns: target image, ground truth, then each method's prediction "
+        "(Cityscapes palette; black = ignored).",
         "",
         "![per-class IoU](iou.png)",
         "",
