@@ -45,7 +45,8 @@ def build_hf(backbone: Any) -> Any:
     from dida.checkpoint import hf_to_mit_state_dict, mit_to_hf_state_dict
 
     cfg = SegformerConfig(
-        num_channels=3, num_encoder_blocks=4, depths=list(backbone.depths), sr_ratios=list(backbone.sr_ratios),
+        num_channels=3, num_encoder_blocks=4, depths=list(backbone.depths),
+        sr_ratios=list(backbone.sr_ratios),
         hidden_sizes=list(backbone.embed_dims), num_attention_heads=list(backbone.num_heads),
         patch_sizes=[7, 3, 3, 3], strides=[4, 2, 2, 2], mlp_ratios=[4, 4, 4, 4], hidden_act="gelu",
         drop_path_rate=backbone.drop_path_rate, layer_norm_eps=1e-6, reshape_last_stage=True,
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--iters", type=int, default=3, help="timed forwards per encoder")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(dida encoder)")
+    p.add_argument("--no-before", action="store_true",
+                   help="skip the row without channels-last convolution weights")
     args = p.parse_args(argv)
     threads = setup_threads(args.threads)
     device = torch.device(args.device)
@@ -136,6 +139,19 @@ def main(argv: list[str] | None = None) -> int:
         return call
 
     fns["dida"] = run(ours)
+    if not args.no_before:
+        from dida.models import mit
+
+        def nchw_convs(x: torch.Tensor) -> list[torch.Tensor]:
+            # the "before" row: PyTorch's default convolutions (NCHW weights) on the token maps
+            fast = mit.conv_channels_last
+            mit.conv_channels_last = lambda conv, inp: conv(inp)
+            try:
+                return ours(x)
+            finally:
+                mit.conv_channels_last = fast
+
+        fns["dida, NCHW conv weights (before)"] = run(nchw_convs)
     if hf is not None:
         fns["transformers"] = run(lambda x: hf_features(hf, x))
     if args.compile:

@@ -53,7 +53,8 @@ VARIANTS = {
 KEYS = {"daformer": "daformer", "dida": "dida", "dida-bank": "dida (bank update every step)"}
 
 
-def make_batch(batch: int, size: int, num_classes: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
+def make_batch(batch: int, size: int, num_classes: int, device: torch.device,
+               seed: int = 0) -> dict[str, Any]:
     """Random normalised source/target images ``[B, 3, S, S]`` and block labels ``[B, S, S]``."""
     g = torch.Generator().manual_seed(seed)
     cells = max(1, size // 32)
@@ -69,7 +70,8 @@ def make_batch(batch: int, size: int, num_classes: int, device: torch.device, se
 class Trainer:
     """One variant: models, optimizer and step, built like the engine does."""
 
-    def __init__(self, args: argparse.Namespace, method: str, bank_interval: int, device: torch.device) -> None:
+    def __init__(self, args: argparse.Namespace, method: str, bank_interval: int,
+                 device: torch.device) -> None:
         from dida.config import Config
         from dida.engine.optim import build_optimizer
         from dida.engine.train import build_models
@@ -110,8 +112,23 @@ class Trainer:
             self.it += 1
 
 
+def count_host_syncs(fn: Any) -> int:
+    """Number of synchronising CUDA calls during ``fn()`` (``torch.cuda.set_sync_debug_mode``)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def _channels_last_batch(batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in batch.items()}
+    cl = torch.channels_last
+    return {k: v.contiguous(memory_format=cl) if v.dim() == 4 else v for k, v in batch.items()}
 
 
 def _child(args: argparse.Namespace) -> dict[str, Any]:
@@ -152,27 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     device = torch.device(args.device)
-    batch = make_batch(args.batch, args.size, 19, device)
-    if args.channels_last:
-        batch = _channels_last_batch(batch)
-    trainers = {name: Trainer(args, spec["method"], spec["bank_interval"], device)
-                for name, spec in VARIANTS.items()}
-
     peaks: dict[str, int | None] = {}
-    if cuda:
-        # warm-up, then one iteration per variant under the peak-memory counter
-        for name, tr in trainers.items():
-            for _ in range(args.warmup):
-                tr(batch)
-            with cuda_peak(device) as box:
-                tr(batch)
-            peaks[name] = box["peak_bytes"]
-        times = time_interleaved({k: (lambda tr=tr: tr(batch)) for k, tr in trainers.items()}, device,
-                                 args.iters, warmup=0)
-    else:
-        times = time_interleaved({k: (lambda tr=tr: tr(batch)) for k, tr in trainers.items()}, device,
-                                 args.iters, warmup=args.warmup)
-        del trainers
+    syncs: dict[str, int] = {}
+    if not cuda:
+        # First, while this process is small: Linux keeps a process's maximum RSS across fork+exec,
+        # so a child started by a large parent would inherit the parent's peak.
         for key, name in KEYS.items():
             if args.no_memory:
                 peaks[name] = None
@@ -185,6 +186,26 @@ def main(argv: list[str] | None = None) -> int:
             if args.compile:
                 child.append("--compile")
             peaks[name] = run_child("benchmarks.train_step", child)["peak_bytes"]
+    batch = make_batch(args.batch, args.size, 19, device)
+    if args.channels_last:
+        batch = _channels_last_batch(batch)
+    trainers = {name: Trainer(args, spec["method"], spec["bank_interval"], device)
+                for name, spec in VARIANTS.items()}
+
+    if cuda:
+        # warm-up, then one iteration per variant under the peak-memory counter
+        for name, tr in trainers.items():
+            for _ in range(args.warmup):
+                tr(batch)
+            with cuda_peak(device) as box:
+                tr(batch)
+            peaks[name] = box["peak_bytes"]
+        times = time_interleaved({k: (lambda tr=tr: tr(batch)) for k, tr in trainers.items()}, device,
+                                 args.iters, warmup=0)
+        syncs = {name: count_host_syncs(lambda tr=tr: tr(batch)) for name, tr in trainers.items()}
+    else:
+        times = time_interleaved({k: (lambda tr=tr: tr(batch)) for k, tr in trainers.items()}, device,
+                                 args.iters, warmup=args.warmup)
     sync(device)
 
     med = {k: median(v) for k, v in times.items()}
@@ -208,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
          f"h per {args.total_iters // 1000}k iters"],
         rows,
         [f"DIDA / DAFormer: {med['dida'] / base:.3f}x (goal <= 1.15x); amortised with the bank update every "
-         f"50 iterations: {(49 * med['dida'] + med['dida (bank update every step)']) / 50 / base:.3f}x"],
+         f"50 iterations: {(49 * med['dida'] + med['dida (bank update every step)']) / 50 / base:.3f}x"]
+        + ([f"synchronising CUDA calls in one iteration (set_sync_debug_mode): "
+            + ", ".join(f"{k} {v}" for k, v in syncs.items())] if syncs else []),
     )
     return 0
 

@@ -40,9 +40,9 @@ def test_reference_presets():
 
 
 def test_default_roots_come_from_the_environment(monkeypatch):
-    monkeypatch.setenv("DIDA_DATA_ROOT", "/datasets")
+    monkeypatch.setenv("DIDA_DATA_ROOT", "shared_datasets")
     cfg = load_config("gta2cs_daformer")
-    assert cfg.data.source.root == "/datasets/gta" and cfg.data.val.root == "/datasets/cityscapes"
+    assert cfg.data.source.root == "shared_datasets/gta" and cfg.data.val.root == "shared_datasets/cityscapes"
 
 
 @pytest.mark.parametrize(

@@ -148,7 +148,8 @@ class DualLevelCfg:
     a_smooth: float = 1.0
     # The reference's weak target view is a no-op; True applies it (on a copy, never in place).
     weak_augment: bool = False
-    # Rows of pixels per chunk for the memory-bounded instance loss; 0 = direct computation.
+    # Rows of pixels per chunk for the memory-bounded instance loss; 0 = direct computation. On CPU it is
+    # an upper bound: chunks are also capped at a few MiB so that they stay in cache.
     chunk_rows: int = 64
 
 

@@ -113,7 +113,8 @@ class EfficientSelfAttention(nn.Module):
         head_dim = c // self.num_heads
         q = self.q(x).unflatten(2, (self.num_heads, head_dim)).transpose(1, 2)  # [B, heads, N, d]
         if self.sr_ratio > 1:
-            reduced = conv_channels_last(self.sr, _tokens_to_map(x, h, w)).flatten(2).transpose(1, 2)  # [B, M, C]
+            reduced = conv_channels_last(self.sr, _tokens_to_map(x, h, w))
+            reduced = reduced.flatten(2).transpose(1, 2)  # [B, M, C]
             kv_in = self.norm(reduced)
         else:
             kv_in = x

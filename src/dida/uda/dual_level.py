@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     from dida.uda.instance_bank import InstanceBank
 
 LOG_EPS = 1e-10  # the reference's log(p + 1e-10)
+# On CPU a chunk of ``instance_term`` is capped at about this many bytes per [B, K, rows, W] map, so
+# that the ~20 passes over it run in cache instead of main memory (about 2x faster than 64 rows at
+# 256x256, B=2, K=300; docs/performance.md). GPUs keep ``chunk_rows`` (fewer, larger kernels).
+CPU_CHUNK_BYTES = 4 * 2**20
 
 
 # ---------------------------------------------------------------------------- bilinear interpolation
@@ -302,7 +306,8 @@ class _ChunkedInstanceLoss(torch.autograd.Function):
             p.div_(denom)
             pe = p + LOG_EPS
             lp = pe.log()
-            total -= lp.mul_(q).sum(dtype=torch.float64)
+            # per pixel in float32 (K terms), over pixels in float64 (no float64 copy of the chunk)
+            total -= lp.mul_(q).sum(dim=1).sum(dtype=torch.float64)
             del lp
             if need_grad:
                 a = q.div_(pe)  # reuses q's storage
@@ -345,8 +350,9 @@ def instance_term(
         weight: ``ins_lambda`` (0.5).
         calibrate: ``True`` (reference) uses the gather target ``q``; ``False`` uses the sum-normalised
             teacher similarity.
-        chunk_rows: output rows per chunk; ``0`` materialises everything at full resolution (the
-            reference way, memory ``O(B K H W)``).
+        chunk_rows: output rows per chunk (on CPU capped so that a ``[B, K, rows, W]`` map holds at
+            most ``CPU_CHUNK_BYTES``, see ``cpu_chunk_rows``); ``0`` materialises everything at full
+            resolution (the reference way, memory ``O(B K H W)``).
 
     Returns:
         The scalar loss (float32), differentiable w.r.t. ``student_embedding`` only.
@@ -386,7 +392,15 @@ def instance_term(
         p_low = bank.similarity(e_s)
         ups = row_chunk_upsampler((h, w), out_size, e_s.device)
         scale = float(weight) / float(e_s.shape[0] * out_size[0] * out_size[1])
-        return _ChunkedInstanceLoss.apply(p_low, s_low, g_low, ups, int(chunk_rows), scale)
+        rows = cpu_chunk_rows(chunk_rows, p_low.shape[0] * p_low.shape[1] * out_size[1] * 4, e_s.device)
+        return _ChunkedInstanceLoss.apply(p_low, s_low, g_low, ups, rows, scale)
+
+
+def cpu_chunk_rows(chunk_rows: int, bytes_per_row: int, device: torch.device) -> int:
+    """``chunk_rows``, capped on CPU so that one chunk map holds at most ``CPU_CHUNK_BYTES`` (>= 1 row)."""
+    if device.type != "cpu":
+        return int(chunk_rows)
+    return max(1, min(int(chunk_rows), CPU_CHUNK_BYTES // max(1, int(bytes_per_row))))
 
 
 def semantic_term(
