@@ -172,7 +172,10 @@ def main_infer(args: argparse.Namespace) -> int:
     inputs = Path(args.inputs)
     images = list_images(inputs, recursive=getattr(args, "recursive", False), exclude=out_dir)
     if not images:
-        raise DataError(f"{inputs}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}).")
+        hint = ""
+        if not getattr(args, "recursive", False) and list_images(inputs, recursive=True, exclude=out_dir):
+            hint = " Its sub-folders hold images: add --recursive."
+        raise DataError(f"{inputs}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}).{hint}")
     model, source = _load_model(args, device)
     num_classes = int(model.num_classes)
     print(f"model from {source}: {num_classes} classes; {len(images)} image(s) -> {out_dir}", file=sys.stderr)

@@ -540,5 +540,6 @@ def main_train(args: Any) -> int:
         raise ConfigError("give a preset or YAML (see `dida train --list-presets`), or --resume RUN_DIR.")
     cfg = load_config(args.config, overrides)
     run_dir = train(cfg)
-    print(f"Done: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"Done: {run_dir}")
     return 0
