@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         rows,
         [f"DIDA / DAFormer: {med['dida'] / base:.3f}x (goal <= 1.15x); amortised with the bank update every "
          f"50 iterations: {(49 * med['dida'] + med['dida (bank update every step)']) / 50 / base:.3f}x"]
-        + ([f"synchronising CUDA calls in one iteration (set_sync_debug_mode): "
+        + (["synchronising CUDA calls in one iteration (set_sync_debug_mode): "
             + ", ".join(f"{k} {v}" for k, v in syncs.items())] if syncs else []),
     )
     return 0
