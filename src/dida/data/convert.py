@@ -37,6 +37,7 @@ from dida.constants import (
     SYNTHIA_ID_TO_TRAINID,
 )
 from dida.errors import DataError
+from dida.data.transforms import load_label
 from dida.io import atomic_open, atomic_path
 
 KINDS = ("gta", "synthia", "cityscapes")
@@ -87,17 +88,6 @@ def read_synthia_label_ids(path: str | os.PathLike[str]) -> np.ndarray:
     # The reference indexes [:, :, -1]; a single-channel file is taken as the id map itself.
     return arr[:, :, -1] if arr.ndim == 3 else arr
 
-
-def read_train_id_label(path: str | os.PathLike[str]) -> np.ndarray:
-    """An already converted ``*_labelTrainIds.png`` as uint8 [H, W] (PIL)."""
-    try:
-        with Image.open(path) as img:
-            arr = np.asarray(img)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the train-id label ({e}).") from None
-    if arr.ndim != 2:
-        raise DataError(f"{path}: a train-id label must be single-channel, got shape {arr.shape}.")
-    return arr.astype(np.uint8, copy=False)
 
 
 def _save_train_ids(path: str, train_ids: np.ndarray) -> None:
@@ -158,7 +148,7 @@ def _convert(task: _Task) -> np.ndarray:
         _validate_polygons(task.src)
         with atomic_path(task.dst) as tmp:
             json2labelImg(task.src, str(tmp), "trainIds")
-        return read_train_id_label(task.dst)
+        return load_label(task.dst)
     ids = read_gta_label_ids(task.src) if task.kind == "gta" else read_synthia_label_ids(task.src)
     train_ids = _lut(task.kind)[ids]
     _save_train_ids(task.dst, train_ids)
@@ -170,7 +160,7 @@ def _run_task(task: _Task) -> tuple[dict[str, int | str] | None, bool]:
     train_ids = None
     if not task.force and os.path.isfile(task.dst):
         try:
-            train_ids = read_train_id_label(task.dst)
+            train_ids = load_label(task.dst)
         except DataError:
             train_ids = None  # unreadable previous output: convert again
     written = train_ids is None
