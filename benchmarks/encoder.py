@@ -42,7 +42,7 @@ def build_hf(backbone: Any) -> Any:
     """A ``transformers.SegformerModel`` with the architecture and weights of dida's ``backbone``."""
     from transformers import SegformerConfig, SegformerModel
 
-    from dida.checkpoint import hf_to_mit_state_dict, mit_to_hf_state_dict
+    from dida.models.mit_weights import hf_to_mit_state_dict, mit_to_hf_state_dict
 
     cfg = SegformerConfig(
         num_channels=3, num_encoder_blocks=4, depths=list(backbone.depths),

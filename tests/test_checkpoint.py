@@ -11,21 +11,19 @@ import torch
 import yaml
 
 from dida.checkpoint import (
-    convert_mit_state_dict,
     detect_format,
-    hf_to_mit_state_dict,
     load_checkpoint,
     load_pretrained,
-    main_convert_checkpoint,
-    mit_to_hf_state_dict,
     model_cfg_from_checkpoint,
     read_checkpoint,
     save_checkpoint,
     strip_prefix,
 )
+from dida.commands.convert_checkpoint import main as main_convert_checkpoint
 from dida.config import ModelCfg
 from dida.errors import CheckpointError
 from dida.models import build_mit, build_segmentor
+from dida.models.mit_weights import convert_mit_state_dict, hf_to_mit_state_dict, mit_to_hf_state_dict
 
 
 def _tiny(kwargs, seed: int, **over):

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from latest.pth")
     p.add_argument("--help-config", action="store_true", help="print every config key with its default")
     p.add_argument("--list-presets", action="store_true", help="print the shipped presets")
-    p.set_defaults(_entry="dida.engine.train:main_train")
+    p.set_defaults(_entry="dida.commands.train:main")
 
     # ---- test
     p = sub.add_parser("test", help="evaluate a checkpoint (mIoU) on the validation split")
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--allow-pickle", action="store_true", help="trust the input (unsafe unpickling)")
-    p.set_defaults(_entry="dida.checkpoint:main_convert_checkpoint")
+    p.set_defaults(_entry="dida.commands.convert_checkpoint:main")
 
     # ---- demo
     p = sub.add_parser("demo", help="the embedded default: synth data, train 3 methods, evaluate, report")

@@ -29,9 +29,15 @@ from dida.errors import ConfigError
 
 @dataclass
 class ModelCfg:
-    """MiT backbone + DAFormer head. ``embed_dims``/``num_heads``/``depths`` override the variant."""
+    """A segmentor on a backbone (tables in ``dida.models.registry``).
 
-    backbone: Literal["mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5"] = "mit_b5"
+    ``segmentor`` and ``backbone`` name entries of ``SEGMENTORS`` / ``BACKBONES``; ``embed_dims`` /
+    ``num_heads`` / ``depths`` / ``drop_path_rate`` override a MiT variant; the decoder keys configure the
+    DAFormer head.
+    """
+
+    segmentor: str = "encoder_decoder"
+    backbone: str = "mit_b5"
     embed_dims: Optional[list[int]] = None
     num_heads: Optional[list[int]] = None
     depths: Optional[list[int]] = None
@@ -51,7 +57,7 @@ class ModelCfg:
 class DatasetCfg:
     """One dataset and its pipeline. ``img_scale`` is mmseg's (long, short) keep-ratio scale."""
 
-    kind: Literal["gta", "synthia", "cityscapes", "folder"] = "cityscapes"
+    kind: str = "cityscapes"  # an entry of dida.data.kinds.DATASET_KINDS
     root: str = ""
     split: str = "train"
     img_scale: list[int] = field(default_factory=lambda: [1024, 512])
@@ -106,6 +112,8 @@ class EMACfg:
 
 @dataclass
 class FeatureDistanceCfg:
+    """DAFormer's ImageNet feature distance on thing classes (a training term, spec 5)."""
+
     enabled: bool = True
     weight: float = 0.005
     classes: list[int] = field(default_factory=lambda: list(THING_CLASSES))
@@ -140,8 +148,10 @@ class BankCfg:
 
 @dataclass
 class DualLevelCfg:
-    """DIDA's cross-level interaction and instance loss (spec 6.4-6.7)."""
+    """DIDA's dual-level interaction: the instance bank (``uda.bank``) and the calibrated instance loss
+    (a training term, spec 6.4-6.7)."""
 
+    enabled: bool = False
     instance_weight: float = 0.5
     calibrate: bool = True
     # 1.0 (reference) disables the "scatter" refinement of the semantic pseudo-labels.
@@ -155,7 +165,15 @@ class DualLevelCfg:
 
 @dataclass
 class UDACfg:
-    method: Literal["source_only", "daformer", "dida"] = "daformer"
+    """The self-training step and its terms.
+
+    ``self_training`` runs DACS (EMA teacher, pseudo-labels, ClassMix, the mixed loss); off, the step trains
+    on the source alone. Each term has its own section with an ``enabled`` key: ``feature_distance``
+    (DAFormer's ImageNet feature distance), ``dual_level`` with ``bank`` (DIDA). DAFormer is self-training
+    with the feature distance; DIDA adds ``dual_level.enabled``.
+    """
+
+    self_training: bool = True
     pseudo_threshold: float = 0.968
     pseudo_weight_ignore_top: int = 15
     pseudo_weight_ignore_bottom: int = 120
@@ -282,8 +300,32 @@ def resolve_config_source(name_or_path: str) -> tuple[str, str]:
     )
 
 
+# The former ``uda.method`` (dida < 0.2; run directories and checkpoints written then) as the keys that
+# replaced it: self-training and the DIDA term on or off; source-only also had no feature distance.
+_LEGACY_METHODS: dict[str, dict[str, Any]] = {
+    "source_only": {"self_training": False, "feature_distance": {"enabled": False},
+                    "dual_level": {"enabled": False}},
+    "daformer": {"self_training": True, "dual_level": {"enabled": False}},
+    "dida": {"self_training": True, "dual_level": {"enabled": True}},
+}
+
+
+def _translate_legacy(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Replace a legacy ``uda.method`` in one layer by the keys it stands for (explicit keys win)."""
+    uda = data.get("uda")
+    if not isinstance(uda, dict) or "method" not in uda:
+        return data
+    uda = dict(uda)
+    method = uda.pop("method")
+    if method not in _LEGACY_METHODS:
+        raise ConfigError(f"{source}: uda.method must be one of {', '.join(_LEGACY_METHODS)} (it is replaced by "
+                          f"uda.self_training and the terms' enabled keys), got {method!r}.")
+    merged = OmegaConf.merge(OmegaConf.create(_LEGACY_METHODS[method]), OmegaConf.create(uda))
+    return {**data, "uda": OmegaConf.to_container(merged)}
+
+
 def _merge_layer(cfg: Any, data: dict[str, Any], source: str) -> Any:
-    data = dict(data)
+    data = _translate_legacy(dict(data), source)
     # A preset may name another preset to start from.
     data.pop("inherit", None)
     try:
@@ -313,24 +355,52 @@ def _layers_for(text: str, source: str, seen: tuple[str, ...] = ()) -> list[tupl
     return layers
 
 
+_SCHEMAS: dict[tuple[tuple[str, type], ...], type] = {}
+
+
+def schema() -> type:
+    """The ``Config`` dataclass, extended with the sections of terms registered from outside the package.
+
+    Built-in sections are fields of ``UDACfg``; ``dida.uda.terms.register_term`` adds ``uda.<name>``.
+    """
+    from dida.uda.terms import extra_sections
+
+    extra = tuple(sorted(extra_sections().items()))
+    if not extra:
+        return Config
+    if extra not in _SCHEMAS:
+        uda = dataclasses.make_dataclass(
+            "UDACfg", [(name, cls, field(default_factory=cls)) for name, cls in extra], bases=(UDACfg,))
+        _SCHEMAS[extra] = dataclasses.make_dataclass(
+            "Config", [("uda", uda, field(default_factory=uda))], bases=(Config,))
+    return _SCHEMAS[extra]
+
+
+def _apply_override(cfg: Any, item: str) -> Any:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.max_iters=100).")
+    key, value = item.split("=", 1)
+    if key == "uda.method":  # legacy key (see _LEGACY_METHODS)
+        data = _translate_legacy({"uda": {"method": yaml.safe_load(value)}}, f"override '{item}'")
+        return OmegaConf.merge(cfg, OmegaConf.create(data))
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"override '{item}': {_omegaconf_message(e)}") from None
+    except Exception as e:  # dotlist parse errors
+        raise ConfigError(f"override '{item}' for '{key}' could not be parsed: {e}") from None
+
+
 def load_config(name_or_path: Optional[str] = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a validated ``Config``: defaults, base.yaml, the preset/YAML (and what it inherits), overrides."""
-    cfg = OmegaConf.structured(Config)
+    cfg = OmegaConf.structured(schema())
     cfg = _merge_layer(cfg, _read_yaml(_preset_text("base"), "base.yaml"), "base.yaml")
     if name_or_path is not None:
         text, source = resolve_config_source(name_or_path)
         for data, src in _layers_for(text, source):
             cfg = _merge_layer(cfg, data, src)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.max_iters=100).")
-        key = item.split("=", 1)[0]
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"override '{item}': {_omegaconf_message(e)}") from None
-        except Exception as e:  # dotlist parse errors
-            raise ConfigError(f"override '{item}' for '{key}' could not be parsed: {e}") from None
+        cfg = _apply_override(cfg, item)
     try:
         obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
@@ -340,21 +410,17 @@ def load_config(name_or_path: Optional[str] = None, overrides: list[str] | tuple
     return obj
 
 
-DATASET_FOLDERS = {"gta": "gta", "synthia": "synthia", "cityscapes": "cityscapes"}
-
-
 def fill_default_roots(cfg: Config) -> None:
-    """Empty dataset roots become ``$DIDA_DATA_ROOT/<dataset>`` (``data/<dataset>`` when unset).
+    """Empty dataset roots become ``$DIDA_DATA_ROOT/<dataset folder>`` (``data/<folder>`` when unset).
 
     This is the reference's ``data/gta``, ``data/synthia``, ``data/cityscapes`` layout, relative to the
-    working directory unless ``DIDA_DATA_ROOT`` says otherwise.
+    working directory unless ``DIDA_DATA_ROOT`` says otherwise (``dida.data.kinds.default_root``).
     """
-    base = os.environ.get("DIDA_DATA_ROOT", "data")
+    from dida.data.kinds import DATASET_KINDS, default_root
+
     for ds in (cfg.data.source, cfg.data.target, cfg.data.val):
-        if not ds.root:
-            if ds.kind == "folder":
-                continue
-            ds.root = os.path.join(base, DATASET_FOLDERS[ds.kind])
+        if not ds.root and ds.kind in DATASET_KINDS:
+            ds.root = default_root(ds.kind) or ""
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -362,8 +428,24 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def _check_names(cfg: Config) -> None:
+    """Names that refer to the tables of backbones, segmentors and dataset kinds."""
+    from dida.data.kinds import DATASET_KINDS
+    from dida.models.registry import BACKBONES, SEGMENTORS
+
+    _check(cfg.model.backbone in BACKBONES, "model.backbone",
+           f"unknown backbone '{cfg.model.backbone}'; known: {', '.join(BACKBONES)}")
+    _check(cfg.model.segmentor in SEGMENTORS, "model.segmentor",
+           f"unknown segmentor '{cfg.model.segmentor}'; known: {', '.join(SEGMENTORS)}")
+    for name in ("source", "target", "val"):
+        kind = getattr(cfg.data, name).kind
+        _check(kind in DATASET_KINDS, f"data.{name}.kind",
+               f"unknown dataset kind '{kind}'; known: {', '.join(DATASET_KINDS)}")
+
+
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express. Raises ``ConfigError`` naming the key."""
+    _check_names(cfg)
     o, t, u, d = cfg.optim, cfg.train, cfg.uda, cfg.data
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
@@ -395,7 +477,7 @@ def validate(cfg: Config) -> None:
     for name in ("source", "target", "val"):
         ds: DatasetCfg = getattr(d, name)
         key = f"data.{name}"
-        _check(ds.kind != "folder" or bool(ds.root), f"{key}.root", "a folder dataset needs a root")
+        _check(bool(ds.root), f"{key}.root", f"a {ds.kind} dataset needs a root")
         _check(len(ds.img_scale) == 2 and min(ds.img_scale) > 0, f"{key}.img_scale", "two positive ints")
         _check(len(ds.crop_size) == 2 and min(ds.crop_size) > 0, f"{key}.crop_size", "two positive ints")
         _check(0 < ds.cat_max_ratio <= 1, f"{key}.cat_max_ratio", "must be in (0, 1]")

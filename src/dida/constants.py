@@ -45,3 +45,10 @@ RARE_CLASS_ORDER: tuple[int, ...] = (18, 12, 17, 16, 7, 6, 11, 15, 4, 5, 14, 3, 
 # ImageNet normalisation on the 0..255 RGB scale, as in the mmseg configs (to_rgb=True).
 IMG_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
 IMG_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+
+def class_names(num_classes: int) -> list[str]:
+    """The Cityscapes class names for the 19-class setting, ``class_<i>`` otherwise."""
+    if num_classes == NUM_CLASSES:
+        return list(CITYSCAPES_CLASSES)
+    return [f"class_{i}" for i in range(num_classes)]

@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
     from dida.checkpoint import save_checkpoint
     from dida.config import load_config, to_yaml
     from dida.data.fake import write_fake_cityscapes
-    from dida.models import build_segmentor_from_cfg
+    from dida.models import build_model
 
     tmp = tmp_path_factory.mktemp("dida_test")
     root = write_fake_cityscapes(tmp / "cityscapes", splits=("val",), n_per_split=NUM_VAL, size=(128, 64),
@@ -48,8 +48,8 @@ def setup(tmp_path_factory):
     cfg_path = _write_config(tmp / "tiny.yaml", kwargs, root)
     cfg = load_config(str(cfg_path))
     gen = torch.Generator().manual_seed(0)
-    model = build_segmentor_from_cfg(cfg.model, generator=gen)
-    ema = build_segmentor_from_cfg(cfg.model, generator=gen)
+    model = build_model(cfg.model, generator=gen)
+    ema = build_model(cfg.model, generator=gen)
     with torch.no_grad():
         # A large classifier makes the untrained model predict many classes (a non-trivial test).
         model.decode_head.conv_seg.weight.normal_(0.0, 3.0, generator=gen)

@@ -21,7 +21,7 @@ def checkpoint(tmp_path_factory) -> Path:
     """A dida checkpoint of the tiny 4-class model, with its config inside."""
     from dida.checkpoint import save_checkpoint
     from dida.config import load_config, to_yaml
-    from dida.models import build_segmentor_from_cfg
+    from dida.models import build_model
 
     tmp = tmp_path_factory.mktemp("infer_ckpt")
     cfg_path = tmp / "tiny.yaml"
@@ -30,7 +30,7 @@ def checkpoint(tmp_path_factory) -> Path:
         depths=[1, 1, 1, 1], decoder_channels=16), "uda": {"feature_distance": {"classes": [1, 2]}}}))
     cfg = load_config(str(cfg_path))
     gen = torch.Generator().manual_seed(0)
-    model = build_segmentor_from_cfg(cfg.model, generator=gen)
+    model = build_model(cfg.model, generator=gen)
     with torch.no_grad():
         model.decode_head.conv_seg.weight.normal_(0.0, 3.0, generator=gen)
     path = tmp / "tiny.pth"

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from dida.engine.train import RunLock, list_checkpoints, write_checkpoint
+from dida.checkpoint import list_checkpoints, write_checkpoint
+from dida.engine.train import RunLock
 from dida.errors import DidaError
 
 

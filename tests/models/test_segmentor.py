@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from dida.config import ModelCfg
-from dida.models import Segmentor, SegmentorOutput, build_segmentor, build_segmentor_from_cfg, inference
-from dida.models.segmentor import slide_logits
+from dida.models import Segmentor, SegmentorOutput, build_segmentor, build_model, inference
+from dida.models.inference import slide_logits
 
 
 @pytest.fixture
@@ -45,8 +45,8 @@ def test_builder_from_cfg_and_generator(tiny_model_kwargs):
         backbone="mit_b0", embed_dims=[8, 16, 32, 64], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1],
         decoder_channels=16, num_classes=4, aspp_dilations=[1, 2, 3, 4], dropout_ratio=0.0,
     )
-    a = build_segmentor_from_cfg(cfg, generator=torch.Generator().manual_seed(5))
-    b = build_segmentor_from_cfg(cfg, generator=torch.Generator().manual_seed(5))
+    a = build_model(cfg, generator=torch.Generator().manual_seed(5))
+    b = build_model(cfg, generator=torch.Generator().manual_seed(5))
     assert a.decode_head.fuse_layer.dilations == (1, 2, 3, 4)
     assert a.num_classes == 4 and a.backbone.embed_dims == [8, 16, 32, 64]
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):

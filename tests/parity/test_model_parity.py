@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dida.checkpoint import hf_to_mit_state_dict, load_checkpoint, mit_to_hf_state_dict
+from dida.checkpoint import load_checkpoint
+from dida.models.mit_weights import hf_to_mit_state_dict, mit_to_hf_state_dict
 from dida.models import build_mit, build_segmentor
 
 pytestmark = pytest.mark.parity

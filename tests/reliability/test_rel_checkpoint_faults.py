@@ -18,7 +18,8 @@ from rel_helpers import read_jsonl, tiny_cfg
 
 from dida.checkpoint import read_checkpoint
 from dida.cli import main
-from dida.engine.train import list_checkpoints, train, write_checkpoint
+from dida.checkpoint import list_checkpoints, write_checkpoint
+from dida.engine.train import train
 from dida.errors import CheckpointError
 
 

@@ -19,7 +19,7 @@ import torch
 from rel_helpers import cli, data_overrides, read_jsonl
 
 from dida.checkpoint import read_checkpoint
-from dida.engine.train import list_checkpoints
+from dida.checkpoint import list_checkpoints
 
 MAX_ITERS = 16
 

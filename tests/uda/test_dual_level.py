@@ -10,17 +10,19 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from dida.uda.dual_level import (
-    bilinear_matrices,
     calibrate,
-    dense_resize_adjoint,
-    downsample_adjoint,
     instance_loss,
     instance_term,
     normalize_similarity,
-    resize_adjoint,
-    RowChunkUpsampler,
     scatter_semantic,
     semantic_term,
+)
+from dida.uda.interpolation import (
+    RowChunkUpsampler,
+    bilinear_matrices,
+    dense_resize_adjoint,
+    downsample_adjoint,
+    resize_adjoint,
 )
 from dida.uda.instance_bank import InstanceBank
 

@@ -5,13 +5,13 @@ Builders here are the only place where config objects are translated into constr
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from dida.data.cityscapes import CityscapesDataset
 from dida.data.folder import FolderDataset
 from dida.data.gta import GTADataset
+from dida.data.kinds import DATASET_KINDS, default_root
 from dida.data.rcs import RareClassSampler
 from dida.data.synthia import SynthiaDataset
 from dida.data.transforms import TestPipeline, TrainPipeline, load_image, load_label, preprocess_test_image
@@ -27,38 +27,25 @@ __all__ = [
     "CityscapesDataset", "FolderDataset", "GTADataset", "SynthiaDataset", "RareClassSampler",
     "SourceTargetDataset", "ValDataset", "collate_uda", "TrainPipeline", "TestPipeline", "load_image",
     "load_label", "preprocess_test_image", "build_dataset", "build_train_pipeline", "build_uda_datasets",
-    "dataset_root",
+    "dataset_root", "DATASET_KINDS",
 ]
 
-_DEFAULT_DIR = {"gta": "gta", "synthia": "synthia", "cityscapes": "cityscapes", "folder": ""}
-
-
 def dataset_root(cfg: DatasetCfg) -> Path:
-    """``cfg.root``, or ``$DIDA_DATA_ROOT/<gta|synthia|cityscapes>`` when the root is empty."""
+    """``cfg.root``, or ``$DIDA_DATA_ROOT/<kind folder>`` (``data/<kind folder>`` when unset)."""
     if cfg.root:
         return Path(cfg.root)
-    base = os.environ.get("DIDA_DATA_ROOT")
-    if not base:
-        raise DataError(f"no root given for the {cfg.kind} dataset: set data.<source|target|val>.root or the "
-                        "DIDA_DATA_ROOT environment variable.")
-    return Path(base) / _DEFAULT_DIR[cfg.kind]
+    root = default_root(cfg.kind) if cfg.kind in DATASET_KINDS else None
+    if root is None:
+        raise DataError(f"no root given for the {cfg.kind} dataset: set data.<source|target|val>.root.")
+    return Path(root)
 
 
 def build_dataset(cfg: DatasetCfg, num_classes: int | None = None) -> Dataset:
-    """The dataset described by a ``DatasetCfg`` (kind, root, split; folder names for "folder")."""
-    root = dataset_root(cfg)
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    match cfg.kind:
-        case "gta":
-            return GTADataset(root, **kwargs)
-        case "synthia":
-            return SynthiaDataset(root, **kwargs)
-        case "cityscapes":
-            return CityscapesDataset(root, cfg.split, **kwargs)
-        case "folder":
-            label_dir = root / cfg.label_dir if cfg.label_dir else None
-            return FolderDataset(root / cfg.img_dir, label_dir, cfg.img_suffix, cfg.label_suffix, **kwargs)
-    raise DataError(f"unknown dataset kind '{cfg.kind}'")
+    """The dataset described by a ``DatasetCfg`` (its ``kind`` in ``DATASET_KINDS``)."""
+    kind = DATASET_KINDS.get(cfg.kind)
+    if kind is None:
+        raise DataError(f"unknown dataset kind '{cfg.kind}'; known: {', '.join(DATASET_KINDS)}.")
+    return kind.build(cfg, dataset_root(cfg), num_classes)
 
 
 def build_train_pipeline(cfg: DatasetCfg) -> TrainPipeline:

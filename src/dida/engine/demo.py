@@ -124,9 +124,9 @@ def train_or_reuse(cfg: Any) -> tuple[Path, dict[str, Any], float, bool]:
 
 def _load_student(cfg: Any, run_dir: Path, device: Any) -> Any:
     from dida.checkpoint import read_checkpoint
-    from dida.models import build_segmentor_from_cfg
+    from dida.models import build_model
 
-    model = build_segmentor_from_cfg(cfg.model)
+    model = build_model(cfg.model)
     ckpt = read_checkpoint(run_dir / "latest.pth")
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()

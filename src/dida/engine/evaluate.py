@@ -535,7 +535,7 @@ def main_test(args: argparse.Namespace) -> int:
     from dida.data.uda import ValDataset
     from dida.engine.report import format_metrics_table, plot_class_iou
     from dida.io import atomic_open
-    from dida.models import build_segmentor_from_cfg
+    from dida.models import build_model
 
     cfg = load_config(args.config, list(args.overrides or ()))
     if args.data_root:
@@ -560,7 +560,7 @@ def main_test(args: argparse.Namespace) -> int:
         )
     val = ValDataset(dataset, img_scale=tuple(cfg.data.val.img_scale))
 
-    model = build_segmentor_from_cfg(cfg.model)
+    model = build_model(cfg.model)
     load_checkpoint(model, ckpt, which=args.which, allow_pickle=args.allow_pickle)
     model.to(device)
 

@@ -130,7 +130,7 @@ def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
     """Build the model described by ``--config`` or by the checkpoint, and load its weights."""
     from dida.checkpoint import load_checkpoint, model_cfg_from_checkpoint, read_checkpoint
     from dida.config import ModelCfg, load_config
-    from dida.models import build_segmentor_from_cfg
+    from dida.models import build_model
 
     ckpt_path = str(args.checkpoint)
     if not Path(ckpt_path).is_file():
@@ -150,7 +150,7 @@ def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
     else:
         model_cfg, source = ModelCfg(), "the default (MiT-B5, 19 classes)"
     model_cfg.pretrained = None
-    model = build_segmentor_from_cfg(model_cfg)
+    model = build_model(model_cfg)
     load_checkpoint(model, ckpt, which=args.which, allow_pickle=args.allow_pickle)
     return model.to(device).eval(), source
 

@@ -1,10 +1,13 @@
-"""``train(cfg)``: the iteration-based training loop (source-only, DAFormer, DIDA).
+"""``train(cfg)``: the iteration-based training loop.
 
-One readable function with comment-headed phases (DINOv2's ``do_train`` style). The step
-(``dida.uda.step``) returns losses; this loop owns backward, the optimizer, logging, evaluation and
-checkpoints. Every iteration is a pure function of (state, seed, iteration): the data pipeline draws
-its randomness from the global sample index and the step's generator and torch's global RNG are
-re-seeded from (seed, iteration, rank), so ``--resume`` continues exactly where a run stopped.
+The step (``dida.uda.step``) returns losses; this loop owns backward, the optimizer, logging, evaluation and
+checkpoints, in the order of DINOv2's ``do_train``: build (models, terms, optimizer) -> restore -> data ->
+step -> per iteration: learning rate, step with per-phase backward, gradients applied, EMA/terms state
+advanced by the step itself, log, debug images, evaluation, checkpoint.
+
+Every iteration is a pure function of (state, seed, iteration): the data pipeline draws its randomness
+from the global sample index and the step's generator and torch's global RNG are re-seeded from
+(seed, iteration, rank), so ``--resume`` continues exactly where a run stopped.
 """
 
 from __future__ import annotations
@@ -12,31 +15,35 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
-import shutil
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dida import __version__
-from dida.config import Config, load_config, to_yaml
-from dida.constants import CITYSCAPES_CLASSES
+from dida.checkpoint import (
+    TrainingState,
+    list_checkpoints,
+    restore_training_state,
+    training_state_dict,
+    write_checkpoint,
+)
+from dida.config import Config, to_yaml
+from dida.constants import class_names
 from dida.engine import distributed as dist_utils
 from dida.engine.logging import DebugVisualizer, MetricWriter
 from dida.engine.optim import build_optimizer, set_learning_rates
 from dida.errors import CheckpointError, ConfigError, DataError, DidaError
-from dida.io import atomic_path, atomic_torch_save
+from dida.io import atomic_path
+from dida.runtime import autocast
 
-CHECKPOINT_RE = re.compile(r"^iter_(\d+)\.pth$")
+__all__ = ["NonFiniteLossError", "RunLock", "build_models", "build_training_state", "train"]
 
 
 class NonFiniteLossError(DidaError):
-    """A loss became NaN or inf."""
+    """A loss (or the gradients) became NaN or inf."""
 
 
 # ------------------------------------------------------------------------------------ run folder
@@ -74,32 +81,6 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete ``iter_N.pth`` files, oldest first (temporary files never match)."""
-    out = []
-    for p in run_dir.glob("iter_*.pth"):
-        m = CHECKPOINT_RE.match(p.name)
-        if m:
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def write_checkpoint(run_dir: Path, it: int, state: dict[str, Any], keep_last: int | None) -> Path:
-    """Write ``iter_{it}.pth`` atomically, point ``latest.pth`` at it atomically, prune old ones."""
-    path = run_dir / f"iter_{it}.pth"
-    atomic_torch_save(state, path)
-    with atomic_path(run_dir / "latest.pth") as tmp:
-        tmp.unlink()
-        try:
-            os.link(path, tmp)  # a hard link: no second copy on disk
-        except OSError:
-            shutil.copyfile(path, tmp)
-    if keep_last is not None:
-        for _, old in list_checkpoints(run_dir)[:-keep_last]:
-            old.unlink(missing_ok=True)
-    return path
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -189,64 +170,45 @@ def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool)
     return out
 
 
-def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager[Any]:
-    if amp == "off":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 # ------------------------------------------------------------------------------------- builders
 
 
-def build_models(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any, Any, Any]:
-    """Student, EMA teacher, frozen ImageNet model (for FD) and instance bank, as the config asks."""
+def build_models(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The student (with ``model.pretrained`` in its backbone) and, for self-training, its EMA teacher."""
     from dida.checkpoint import load_checkpoint
-    from dida.models import build_segmentor_from_cfg
+    from dida.models import build_model
     from dida.uda.ema import EMATeacher
 
-    student = build_segmentor_from_cfg(cfg.model)
+    student = build_model(cfg.model)
     if cfg.model.pretrained:
         load_checkpoint(student.backbone, cfg.model.pretrained)
     student.to(device)
-    method = cfg.uda.method
     teacher = None
-    if method != "source_only":
-        teacher = EMATeacher(student, alpha=cfg.uda.ema.alpha, update_buffers=cfg.uda.ema.update_buffers,
-                             bn_eval=cfg.uda.ema.teacher_bn_eval)
-    imnet = None
-    if method != "source_only" and cfg.uda.feature_distance.enabled:
-        import copy
-
-        # The reference builds a third model from the same config: its backbone holds the ImageNet
-        # weights (or, without them, the same initial weights as the student) and is never updated.
-        imnet = copy.deepcopy(student.backbone).eval().requires_grad_(False)
-    bank = None
-    if method == "dida":
-        bank = build_bank(cfg, embed_dim=student.embed_dim).to(device)
-    return student, teacher, imnet, bank
+    if cfg.uda.self_training:
+        e = cfg.uda.ema
+        teacher = EMATeacher(student, alpha=e.alpha, update_buffers=e.update_buffers, bn_eval=e.teacher_bn_eval)
+    return student, teacher
 
 
-def build_bank(cfg: Config, *, embed_dim: int) -> Any:
-    from dida.uda.instance_bank import InstanceBank
+def build_training_state(cfg: Config, device: torch.device) -> TrainingState:
+    """Student, teacher, the enabled terms, the optimizer and (fp16) the gradient scaler."""
+    from dida.uda.terms import TermBuildContext, build_terms
 
-    b = cfg.uda.bank
-    if b.init == "random":
-        gen = torch.Generator().manual_seed(cfg.run.seed)
-        return InstanceBank.random(b.size, embed_dim, cfg.model.num_classes, generator=gen)
-    if not b.features_path or not b.labels_path:
-        raise ConfigError(
-            "uda.bank.features_path / uda.bank.labels_path: DIDA needs an instance bank. Point them at the "
-            "reference's f_buffer_s.npz / l_buffer_s.npz (the DIDA repository's embedding_cache/), build one "
-            "with `dida bank build CHECKPOINT --data ROOT --out DIR`, or set uda.bank.init=random."
-        )
-    bank = InstanceBank.from_npz(b.features_path, b.labels_path)
-    if bank.dim != embed_dim:
-        raise ConfigError(
-            f"{b.features_path}: the bank holds {bank.dim}-dimensional features but the model's embedding "
-            f"has {embed_dim} channels (model.decoder_channels). Use a bank built for this model."
-        )
-    return bank
+    student, teacher = build_models(cfg, device)
+    dist_utils.broadcast_module(student)
+    if cfg.train.channels_last:
+        student.to(memory_format=torch.channels_last)
+    terms = build_terms(cfg, TermBuildContext(student=student, device=device, seed=cfg.run.seed))
+    for term in terms.values():  # e.g. a randomly initialised ImageNet model: the same on every rank
+        dist_utils.broadcast_module(term)
+    o = cfg.optim
+    optimizer = build_optimizer(
+        student.named_parameters(), lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps,
+        weight_decay=o.weight_decay, head_lr_mult=o.head_lr_mult, norm_decay_mult=o.norm_decay_mult,
+    )
+    scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
+    return TrainingState(student=student, teacher=teacher, terms=terms, optimizer=optimizer, scaler=scaler,
+                         meta={"bad_files": []})
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -264,12 +226,10 @@ def train(
         cfg: the resolved configuration.
         resume: a run directory to continue from its ``latest.pth``.
         on_end: called on every rank after the last iteration with ``{"model": student, "ema_model":
-            teacher, ...}`` (hooks for tests and tools; nothing else reaches into the loop).
+            teacher, <term name>: term, ...}`` (hooks for tests and tools; nothing else reaches into the loop).
     """
-    # ---- process group, device, run directory ----------------------------------------------------
     device = dist_utils.init_from_env(cfg.run.device)
-    rank, world = dist_utils.rank(), dist_utils.world_size()
-    is_main = rank == 0
+    rank = dist_utils.rank()
     run_dir = Path(resume) if resume is not None else Path(cfg.run.dir)
     if resume is None and (run_dir / "latest.pth").exists():
         raise DidaError(
@@ -278,268 +238,226 @@ def train(
         )
     if cfg.train.amp == "fp16" and device.type != "cuda":
         raise ConfigError("train.amp: fp16 needs a CUDA device; use bf16 or off on CPU.")
-    lock = RunLock(run_dir) if is_main else contextlib.nullcontext()
+    lock = RunLock(run_dir) if rank == 0 else contextlib.nullcontext()
     with lock:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if is_main:
+        if rank == 0:
             with atomic_path(run_dir / "config.yaml") as tmp:
                 tmp.write_text(to_yaml(cfg))
         try:
-            return _train(cfg, device, run_dir, resume is not None, rank, world, on_end)
+            run = _TrainingRun(cfg, device, run_dir, rank, dist_utils.world_size())
+            run.prepare(resuming=resume is not None)
+            run.loop()
+            if on_end is not None:
+                on_end(run.models())
+            return run_dir
         finally:
             dist_utils.cleanup()
 
 
-def _train(cfg: Config, device: torch.device, run_dir: Path, resuming: bool, rank: int, world: int,
-           on_end: Callable[[dict[str, torch.nn.Module]], None] | None) -> Path:
-    from dida.checkpoint import read_checkpoint
-    from dida.data import build_uda_datasets
-    from dida.data.loader import build_train_loader
-    from dida.engine.evaluate import evaluate
-    from dida.uda.step import build_step
+class _TrainingRun:
+    """One training run's state and its phases; ``train`` drives it (prepare, then loop)."""
 
-    is_main = rank == 0
-    t_cfg = cfg.train
-    seed_everything(cfg.run.seed + rank, cfg.run.deterministic)
+    def __init__(self, cfg: Config, device: torch.device, run_dir: Path, rank: int, world: int) -> None:
+        self.cfg, self.device, self.run_dir = cfg, device, run_dir
+        self.rank, self.world, self.is_main = rank, world, rank == 0
+        self.config_yaml = to_yaml(cfg)
+        self.generator = torch.Generator()
+        self.stop = _StopRequest()
 
-    # ---- models, optimizer ----------------------------------------------------------------------
-    student, teacher, imnet, bank = build_models(cfg, device)
-    dist_utils.broadcast_module(student)
-    if t_cfg.channels_last:
-        student.to(memory_format=torch.channels_last)
-    o = cfg.optim
-    optimizer = build_optimizer(
-        student.named_parameters(), lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps,
-        weight_decay=o.weight_decay, head_lr_mult=o.head_lr_mult, norm_decay_mult=o.norm_decay_mult,
-    )
-    schedule = dict(max_iters=t_cfg.max_iters, warmup_iters=o.warmup_iters, warmup_ratio=o.warmup_ratio,
-                    power=o.power, min_lr=o.min_lr)
-    scaler = torch.amp.GradScaler(device.type) if t_cfg.amp == "fp16" else None
+    # ---- build, restore, data, step --------------------------------------------------------------
 
-    # ---- resume ---------------------------------------------------------------------------------
-    start_iter = 0
-    bad_files: list[str] = []
-    if resuming:
-        latest = run_dir / "latest.pth"
-        if not latest.exists():
-            raise CheckpointError(f"{latest}: no checkpoint to resume from (the run never saved one).")
-        ckpt = read_checkpoint(latest)
-        try:
-            student.load_state_dict(ckpt["model"])
-            if teacher is not None and ckpt.get("ema_model") is not None:
-                teacher.model.load_state_dict(ckpt["ema_model"])
-            if imnet is not None and ckpt.get("imnet_model") is not None:
-                imnet.load_state_dict(ckpt["imnet_model"])
-            if bank is not None and ckpt.get("instance_bank") is not None:
-                bank.load_state_dict(ckpt["instance_bank"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if scaler is not None and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            start_iter = int(ckpt["iteration"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            first = str(e).strip().splitlines()[:4]
-            raise CheckpointError(
-                f"{latest}: does not match this run's model/optimizer ({type(e).__name__}: "
-                f"{' '.join(line.strip() for line in first)[:400]}). It was written by another "
-                "configuration: resume without model overrides, or start a new run.dir."
-            ) from None
-        if is_main:  # drop log rows written after this checkpoint (a kill -9 between log and save)
+    def prepare(self, resuming: bool) -> None:
+        from dida.data import build_uda_datasets
+        from dida.data.loader import build_train_loader
+        from dida.uda.step import build_step
+
+        cfg = self.cfg
+        seed_everything(cfg.run.seed + self.rank, cfg.run.deterministic)
+        self.state = build_training_state(cfg, self.device)
+        self.state.meta["world_size"] = self.world
+        if resuming:
+            self.restore()
+        train_set, self.val_set = build_uda_datasets(cfg.data, seed=cfg.run.seed)
+        self.loader = build_train_loader(
+            train_set, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+            start_iter=self.state.iteration, rank=self.rank, world_size=self.world,
+            pin_memory=cfg.data.pin_memory and self.device.type == "cuda", seed=cfg.run.seed,
+        )
+        student = self.state.student
+        step_model = torch.compile(student) if cfg.train.compile else student
+        self.step = build_step(cfg.uda, student=step_model, teacher=self.state.teacher, terms=self.state.terms)
+        self.writer = MetricWriter(self.run_dir, max_iters=cfg.train.max_iters, start_iter=self.state.iteration,
+                                   enabled=self.is_main)
+        self.visualizer = DebugVisualizer(self.run_dir / "debug")
+
+    def restore(self) -> None:
+        """Continue from ``run_dir/latest.pth``; drop log rows written after it (a kill -9 between log and save)."""
+        restore_training_state(self.run_dir / "latest.pth", self.state)
+        if self.is_main:
             for name in ("metrics.jsonl", "eval.jsonl"):
-                _truncate_log(run_dir / name, start_iter)
-        bad_files = list(ckpt.get("meta", {}).get("bad_files", []))
-        if is_main:
-            print(f"Resuming {run_dir} from iteration {start_iter}.", flush=True)
-        del ckpt
+                _truncate_log(self.run_dir / name, self.state.iteration)
+            print(f"Resuming {self.run_dir} from iteration {self.state.iteration}.", flush=True)
 
-    def make_state(it: int) -> dict[str, Any]:
-        return {
-            "format": "dida", "version": 1,
-            "model": student.state_dict(),
-            "ema_model": teacher.model.state_dict() if teacher is not None else None,
-            "imnet_model": imnet.state_dict() if imnet is not None else None,
-            "instance_bank": bank.state_dict() if bank is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "scheduler": {"iteration": it},
-            "iteration": it,
-            "config": to_yaml(cfg),
-            "meta": {"dida_version": __version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                     "world_size": world, "bad_files": list(bad_files)},
-        }
+    def models(self) -> dict[str, torch.nn.Module]:
+        out: dict[str, torch.nn.Module] = {"model": self.state.student}
+        if self.state.teacher is not None:
+            out["ema_model"] = self.state.teacher.model
+        out.update(self.state.terms)
+        return out
 
-    def save(it: int) -> Path | None:
-        if not is_main:
+    # ---- checkpoints, evaluation -----------------------------------------------------------------
+
+    def save(self) -> Path | None:
+        if not self.is_main:
             return None
+        it = self.state.iteration
         try:
-            return write_checkpoint(run_dir, it, make_state(it), t_cfg.keep_last)
+            return write_checkpoint(self.run_dir, it, training_state_dict(self.state, self.config_yaml),
+                                    self.cfg.train.keep_last)
         except OSError as e:
-            last = list_checkpoints(run_dir)
-            kept = (f"the previous checkpoint {last[-1][1]} is intact" if last
-                    else "no earlier checkpoint exists")
+            last = list_checkpoints(self.run_dir)
+            kept = f"the previous checkpoint {last[-1][1]} is intact" if last else "no earlier checkpoint exists"
             raise CheckpointError(
-                f"{run_dir / f'iter_{it}.pth'}: writing the checkpoint failed ({e}); {kept}. Free disk space "
-                "or fix the folder's permissions, then continue with --resume.") from e
+                f"{self.run_dir / f'iter_{it}.pth'}: writing the checkpoint failed ({e}); {kept}. Free disk "
+                "space or fix the folder's permissions, then continue with --resume.") from e
 
-    # ---- data ------------------------------------------------------------------------------------
-    train_set, val_set = build_uda_datasets(cfg.data, seed=cfg.run.seed)
-    loader = build_train_loader(
-        train_set, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, start_iter=start_iter,
-        rank=rank, world_size=world, pin_memory=cfg.data.pin_memory and device.type == "cuda",
-        seed=cfg.run.seed,
-    )
+    def evaluate(self) -> None:
+        from dida.engine.evaluate import evaluate
 
-    # ---- the step --------------------------------------------------------------------------------
-    step_model = torch.compile(student) if t_cfg.compile else student
-    step = build_step(cfg.uda, student=step_model, teacher=teacher, imnet_model=imnet, bank=bank,
-                      num_classes=cfg.model.num_classes)
-    writer = MetricWriter(run_dir, max_iters=t_cfg.max_iters, start_iter=start_iter, enabled=is_main)
-    visualizer = DebugVisualizer(run_dir / "debug")
-    generator = torch.Generator()
-
-    def backward(loss: torch.Tensor, retain_graph: bool = False) -> None:
-        (scaler.scale(loss) if scaler is not None else loss).backward(retain_graph=retain_graph)
-
-    def run_eval(it: int) -> None:
-        if is_main:
-            metrics = evaluate(student, val_set, device=device, mode=cfg.eval.mode,
+        cfg = self.cfg
+        if self.is_main:
+            metrics = evaluate(self.state.student, self.val_set, device=self.device, mode=cfg.eval.mode,
                                crop_size=tuple(cfg.eval.crop_size), stride=tuple(cfg.eval.stride),
-                               amp=t_cfg.amp, num_classes=cfg.model.num_classes, progress=False,
+                               amp=cfg.train.amp, num_classes=cfg.model.num_classes, progress=False,
                                max_images=cfg.eval.max_images)
-            writer.log_eval(it, metrics, run_dir, list(CITYSCAPES_CLASSES[: cfg.model.num_classes])
-                            if cfg.model.num_classes <= len(CITYSCAPES_CLASSES)
-                            else [str(i) for i in range(cfg.model.num_classes)])
+            self.writer.log_eval(self.state.iteration, metrics, self.run_dir, class_names(cfg.model.num_classes))
         dist_utils.barrier()
+        self.state.student.train()
 
-    # ---- loop ------------------------------------------------------------------------------------
-    sums: dict[str, torch.Tensor] = {}
-    n_logged = 0
-    it = start_iter
-    data_iter = iter(loader)
-    stop = _StopRequest()
-    student.train()
-    with stop.installed():
+    # ---- one iteration ---------------------------------------------------------------------------
+
+    def next_batch(self, data_iter: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        """The next batch on the device; unreadable samples are counted against ``data.max_bad_samples``."""
+        it, bad_files, limit = self.state.iteration, self.state.meta["bad_files"], self.cfg.data.max_bad_samples
         try:
-            while it < t_cfg.max_iters:
-                # data
-                try:
-                    batch = next(data_iter)
-                except DidaError as e:
-                    save(it)
-                    raise DataError(f"{e} (training stopped at iteration {it}; checkpoint written to "
-                                    f"{run_dir / 'latest.pth'}; fix the data, then --resume)") from None
-                for f in batch.pop("bad_files", []) or []:
-                    # distinct files count against max_bad_samples (one bad file may be drawn often)
-                    new = [x for x in (f if isinstance(f, list) else [f]) if x not in bad_files]
-                    bad_files.extend(new)
-                    if is_main and new:
-                        print(f"warning: skipped unreadable sample(s) {', '.join(new)} (replaced by other "
-                              f"samples; {len(bad_files)} of data.max_bad_samples="
-                              f"{cfg.data.max_bad_samples})", file=sys.stderr, flush=True)
-                if len(bad_files) > cfg.data.max_bad_samples:
-                    save(it)
-                    raise DataError(
-                        f"{len(bad_files)} unreadable samples (more than data.max_bad_samples="
-                        f"{cfg.data.max_bad_samples}); training stopped at iteration {it}. Files:\n  "
-                        + "\n  ".join(sorted(set(bad_files))))
-                batch = _to_device(batch, device, t_cfg.channels_last)
+            batch = next(data_iter)
+        except DidaError as e:
+            self.save()
+            raise DataError(f"{e} (training stopped at iteration {it}; checkpoint written to "
+                            f"{self.run_dir / 'latest.pth'}; fix the data, then --resume)") from None
+        for f in batch.pop("bad_files", []) or []:
+            # distinct files count against max_bad_samples (one bad file may be drawn often)
+            new = [x for x in (f if isinstance(f, list) else [f]) if x not in bad_files]
+            bad_files.extend(new)
+            if self.is_main and new:
+                print(f"warning: skipped unreadable sample(s) {', '.join(new)} (replaced by other samples; "
+                      f"{len(bad_files)} of data.max_bad_samples={limit})", file=sys.stderr, flush=True)
+        if len(bad_files) > limit:
+            self.save()
+            raise DataError(
+                f"{len(bad_files)} unreadable samples (more than data.max_bad_samples={limit}); training "
+                f"stopped at iteration {it}. Files:\n  " + "\n  ".join(sorted(set(bad_files))))
+        return _to_device(batch, self.device, self.cfg.train.channels_last)
 
-                # one step: lr, forward/backward per stage, optimizer
-                torch.manual_seed(iteration_seed(cfg.run.seed, it, rank))
-                generator.manual_seed(iteration_seed(cfg.run.seed, it, rank) + 1)
-                lr = set_learning_rates(optimizer, it, **schedule)
-                optimizer.zero_grad(set_to_none=True)
-                want_debug = is_main and t_cfg.debug_img_interval > 0 and it % t_cfg.debug_img_interval == 0
-                with _autocast(device, t_cfg.amp):
-                    out = step(batch, it, generator=generator, backward=backward, debug=want_debug)
-                losses = out.losses
-                finite = torch.isfinite(torch.stack([v.float() for v in losses.values()])).all()
-                if not bool(finite):  # the one host sync per iteration
-                    bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
-                    if t_cfg.skip_nonfinite:
-                        optimizer.zero_grad(set_to_none=True)
-                        if is_main:
-                            print(f"warning: non-finite {', '.join(bad)} at iteration {it}; step skipped.",
-                                  file=sys.stderr, flush=True)
-                    else:
-                        last = list_checkpoints(run_dir)
-                        where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint yet"
-                        raise NonFiniteLossError(
-                            f"non-finite loss {', '.join(bad)} at iteration {it}; {where}. Lower the "
-                            "learning rate or set train.skip_nonfinite=true to skip such steps.")
-                else:
-                    dist_utils.all_reduce_gradients(student.parameters())
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    if o.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(student.parameters(), o.grad_clip)
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                it += 1
+    def run_step(self, batch: dict[str, Any]) -> tuple[Any, float]:
+        """Learning rate, then the step with its per-phase backward passes; returns (output, lr)."""
+        cfg, it, state = self.cfg, self.state.iteration, self.state
+        torch.manual_seed(iteration_seed(cfg.run.seed, it, self.rank))
+        self.generator.manual_seed(iteration_seed(cfg.run.seed, it, self.rank) + 1)
+        o = cfg.optim
+        lr = set_learning_rates(state.optimizer, it, max_iters=cfg.train.max_iters, warmup_iters=o.warmup_iters,
+                                warmup_ratio=o.warmup_ratio, power=o.power, min_lr=o.min_lr)
+        state.optimizer.zero_grad(set_to_none=True)
+        scaler = state.scaler
 
-                # logging, debug images, evaluation, checkpoints
-                for k, v in {**losses, **out.stats}.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float()
-                n_logged += 1
-                if is_main and t_cfg.log_interval and (it % t_cfg.log_interval == 0 or it == t_cfg.max_iters):
-                    values = {"lr": lr, **{k: float(v) / n_logged for k, v in sums.items()}}
-                    writer.log(it, values)
-                    sums, n_logged = {}, 0
-                if want_debug and out.debug:
-                    visualizer(it - 1, out.debug)
-                if t_cfg.eval_interval and (it % t_cfg.eval_interval == 0 or it == t_cfg.max_iters):
-                    run_eval(it)
-                    student.train()
-                if (t_cfg.checkpoint_interval and it % t_cfg.checkpoint_interval == 0) or it == t_cfg.max_iters:
-                    save(it)
-                if stop.requested:
-                    path = save(it)
-                    if is_main:
-                        print(f"Stopped by {stop.requested} after iteration {it}; checkpoint {path}. "
-                              f"Continue with `dida train --resume {run_dir}`.", file=sys.stderr, flush=True)
-                    raise KeyboardInterrupt
-        finally:
-            writer.close()
-    if on_end is not None:
-        models = {"model": student}
-        if teacher is not None:
-            models["ema_model"] = teacher.model
-        if bank is not None:
-            models["instance_bank"] = bank
-        on_end(models)
-    return run_dir
+        def backward(loss: torch.Tensor) -> None:
+            (scaler.scale(loss) if scaler is not None else loss).backward()
 
+        debug = self.is_main and cfg.train.debug_img_interval > 0 and it % cfg.train.debug_img_interval == 0
+        with autocast(self.device, cfg.train.amp):
+            out = self.step(batch, it, generator=self.generator, backward=backward, debug=debug)
+        return out, lr
 
-# ------------------------------------------------------------------------------------------- CLI
+    def apply_gradients(self, losses: dict[str, torch.Tensor]) -> None:
+        """Average gradients over ranks, check them, clip, step the optimizer (or skip a non-finite step).
 
+        The check is on the gradients, with one host synchronisation: a loss that is NaN by design and
+        adds no gradient (``uda.feature_distance.empty_mask=nan``, as the reference) is logged and the
+        other losses' gradients are applied. With fp16, overflowing gradients of finite losses are the
+        gradient scaler's business (it skips the step and lowers the scale).
+        """
+        state, o, it = self.state, self.cfg.optim, self.state.iteration
+        params = [p for p in state.student.parameters() if p.grad is not None]
+        dist_utils.all_reduce_gradients(params)
+        if state.scaler is not None:
+            state.scaler.unscale_(state.optimizer)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        loss_ok = torch.stack([torch.isfinite(v).all() for v in losses.values()]).all()
+        flags = torch.stack([torch.isfinite(norm).to(loss_ok.device), loss_ok]).tolist()  # the one sync
+        bad = not flags[0] and (state.scaler is None or not flags[1])
+        if bad:
+            self._nonfinite(losses, it)
+            return
+        if o.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(params, o.grad_clip, norm)
+        if state.scaler is not None:
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+        else:
+            state.optimizer.step()
 
-def main_train(args: Any) -> int:
-    """``dida train PRESET_OR_YAML [key=value ...]`` and ``dida train --resume RUN_DIR [key=value ...]``."""
-    from dida.config import describe_schema, preset_names
+    def _nonfinite(self, losses: dict[str, torch.Tensor], it: int) -> None:
+        names = [k for k, v in losses.items() if not bool(torch.isfinite(v).all())] or ["gradients"]
+        if self.cfg.train.skip_nonfinite:
+            self.state.optimizer.zero_grad(set_to_none=True)
+            if self.is_main:
+                print(f"warning: non-finite {', '.join(names)} at iteration {it}; step skipped.",
+                      file=sys.stderr, flush=True)
+            return
+        last = list_checkpoints(self.run_dir)
+        where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint yet"
+        raise NonFiniteLossError(
+            f"non-finite {', '.join(names)} at iteration {it}; {where}. Lower the learning rate or set "
+            "train.skip_nonfinite=true to skip such steps.")
 
-    if args.list_presets:
-        print("\n".join(preset_names()))
-        return 0
-    if args.help_config:
-        print(describe_schema())
-        return 0
-    overrides = list(args.overrides)
-    if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise DidaError(f"{run_dir}: not a run directory (no config.yaml). Give the folder of an earlier run.")
-        if args.config is not None:  # `dida train --resume DIR key=value`: argparse put the first override here
-            overrides.insert(0, args.config)
-        cfg = load_config(str(run_dir), overrides)
-        cfg.run.dir = str(run_dir)
-        train(cfg, resume=run_dir)
-        return 0
-    if args.config is None:
-        raise ConfigError("give a preset or YAML (see `dida train --list-presets`), or --resume RUN_DIR.")
-    cfg = load_config(args.config, overrides)
-    run_dir = train(cfg)
-    if os.environ.get("RANK", "0") == "0":
-        print(f"Done: {run_dir}")
-    return 0
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def loop(self) -> None:
+        t = self.cfg.train
+        sums: dict[str, torch.Tensor] = {}
+        n_logged = 0
+        data_iter = iter(self.loader)
+        self.state.student.train()
+        with self.stop.installed():
+            try:
+                while self.state.iteration < t.max_iters:
+                    batch = self.next_batch(data_iter)
+                    out, lr = self.run_step(batch)
+                    self.apply_gradients(out.losses)
+                    self.state.iteration += 1
+                    it = self.state.iteration
+                    for k, v in {**out.losses, **out.stats}.items():
+                        sums[k] = sums.get(k, 0) + v.detach().float()
+                    n_logged += 1
+                    if self.is_main and t.log_interval and (it % t.log_interval == 0 or it == t.max_iters):
+                        self.writer.log(it, {"lr": lr, **{k: float(v) / n_logged for k, v in sums.items()}})
+                        sums, n_logged = {}, 0
+                    if out.debug:
+                        self.visualizer(it - 1, out.debug)
+                    self._after_iteration(it)
+            finally:
+                self.writer.close()
+
+    def _after_iteration(self, it: int) -> None:
+        t = self.cfg.train
+        if t.eval_interval and (it % t.eval_interval == 0 or it == t.max_iters):
+            self.evaluate()
+        if (t.checkpoint_interval and it % t.checkpoint_interval == 0) or it == t.max_iters:
+            self.save()
+        if self.stop.requested:
+            path = self.save()
+            if self.is_main:
+                print(f"Stopped by {self.stop.requested} after iteration {it}; checkpoint {path}. "
+                      f"Continue with `dida train --resume {self.run_dir}`.", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt

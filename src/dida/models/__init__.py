@@ -1,8 +1,11 @@
-"""Models: MiT backbone, DAFormer head, the segmentor, its builders and inference."""
+"""Models: the protocol (``base``), the tables of backbones and segmentors (``registry``), MiT, the DAFormer
+head, the encoder-decoder segmentor, and inference."""
 
 from __future__ import annotations
 
+from dida.models.base import BaseSegmentor, SegmentorOutput, backbone_of
 from dida.models.daformer_head import DAFormerHead
+from dida.models.inference import inference, slide_logits
 from dida.models.mit import (
     MIT_VARIANTS,
     MixVisionTransformer,
@@ -14,24 +17,25 @@ from dida.models.mit import (
     mit_b4,
     mit_b5,
 )
-from dida.models.segmentor import (
-    Segmentor,
-    SegmentorOutput,
-    build_segmentor,
-    build_segmentor_from_cfg,
-    inference,
-    slide_logits,
-)
+from dida.models.registry import BACKBONES, SEGMENTORS, BackboneEntry, SegmentorEntry, WeightFormat, build_model
+from dida.models.segmentor import Segmentor, build_segmentor
 
 __all__ = [
-    "MIT_VARIANTS",
+    "BACKBONES",
+    "BackboneEntry",
+    "BaseSegmentor",
     "DAFormerHead",
+    "MIT_VARIANTS",
     "MixVisionTransformer",
+    "SEGMENTORS",
     "Segmentor",
+    "SegmentorEntry",
     "SegmentorOutput",
+    "WeightFormat",
+    "backbone_of",
     "build_mit",
+    "build_model",
     "build_segmentor",
-    "build_segmentor_from_cfg",
     "inference",
     "mit_b0",
     "mit_b1",

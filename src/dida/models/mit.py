@@ -189,6 +189,9 @@ class MixVisionTransformer(nn.Module):
             if len(seq) != 4:
                 raise ValueError(f"MixVisionTransformer needs 4 stages; got {name}={list(seq)}")
         self.embed_dims = [int(d) for d in embed_dims]
+        # The backbone protocol (dida.models.base): channels and strides of the returned maps.
+        self.out_channels = tuple(self.embed_dims)
+        self.strides = (4, 8, 16, 32)
         self.num_heads = [int(h) for h in num_heads]
         self.depths = [int(d) for d in depths]
         self.sr_ratios = [int(r) for r in sr_ratios]

@@ -1,41 +1,33 @@
-"""Segmentor = MiT backbone + DAFormer head, its builders, and whole/sliding-window inference."""
+"""The encoder-decoder segmentor (a backbone + the DAFormer head) and its builders."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from dida.models.base import BaseSegmentor, SegmentorOutput
 from dida.models.daformer_head import DAFormerHead
-from dida.models.mit import MixVisionTransformer, build_mit
+from dida.models.ops import resize
 
 if TYPE_CHECKING:
     from dida.config import ModelCfg
 
+__all__ = ["Segmentor", "SegmentorOutput", "build_encoder_decoder", "build_segmentor", "infer_daformer_head_fields"]
 
-@dataclass
-class SegmentorOutput:
-    """What a forward pass returns (all at the resolution the network produces).
 
-    Attributes:
-        features: the 4 backbone maps, [B, C_i, H/2^(i+2), W/2^(i+2)].
-        embedding: DIDA's fused feature F, [B, D, H/4, W/4] (ReLU output, before dropout).
-        logits: [B, num_classes, H/4, W/4].
+class Segmentor(BaseSegmentor):
+    """Encoder-decoder without neck or auxiliary head (mmseg ``EncoderDecoder`` as configured by DAFormer).
+
+    Args:
+        backbone: any backbone whose ``forward`` returns the maps the head expects (``out_channels``).
+        decode_head: the DAFormer head; its output stride is the stride of the backbone's first map.
     """
 
-    features: list[torch.Tensor]
-    embedding: torch.Tensor
-    logits: torch.Tensor
-
-
-class Segmentor(nn.Module):
-    """Encoder-decoder without neck or auxiliary head (mmseg ``EncoderDecoder`` as configured by DAFormer)."""
-
-    def __init__(self, backbone: MixVisionTransformer, decode_head: DAFormerHead) -> None:
+    def __init__(self, backbone: nn.Module, decode_head: DAFormerHead) -> None:
         super().__init__()
         self.backbone = backbone
         self.decode_head = decode_head
@@ -48,16 +40,6 @@ class Segmentor(nn.Module):
     def embed_dim(self) -> int:
         """Channels D of the embedding F (= the decoder channels)."""
         return self.decode_head.channels
-
-    @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Re-draw every parameter with the reference initialisation from ``generator``."""
-        self.backbone.init_weights(generator)
-        self.decode_head.init_weights(generator)
-
-    def extract_features(self, img: torch.Tensor) -> list[torch.Tensor]:
-        """img [B, 3, H, W] -> the 4 backbone maps."""
-        return self.backbone(img)
 
     def forward(self, img: torch.Tensor) -> SegmentorOutput:
         """img [B, 3, H, W] (normalised) -> features, embedding and logits at low resolution."""
@@ -73,15 +55,7 @@ class Segmentor(nn.Module):
         """
         out = self(img)
         size = img.shape[-2:]
-        return _resize(out.embedding, size), _resize(out.logits, size)
-
-
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear resize (align_corners=False); identity (no copy) when the size already matches."""
-    size = tuple(int(s) for s in size)
-    if tuple(x.shape[-2:]) == size:
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return resize(out.embedding, size), resize(out.logits, size)
 
 
 def build_segmentor(
@@ -91,132 +65,58 @@ def build_segmentor(
     embed_dims: Sequence[int] | None = None,
     num_heads: Sequence[int] | None = None,
     depths: Sequence[int] | None = None,
-    sr_ratios: Sequence[int] | None = None,
     drop_path_rate: float = 0.1,
     decoder_channels: int = 256,
     aspp_dilations: Sequence[int] = (1, 6, 12, 18),
     dropout_ratio: float = 0.1,
     generator: torch.Generator | None = None,
-) -> Segmentor:
-    """A named MiT variant (with optional overrides) + DAFormer head.
+) -> BaseSegmentor:
+    """A registered backbone (with optional MiT overrides) + DAFormer head, from keyword arguments.
 
     With ``generator`` every parameter is drawn from it (reproducible without touching the global RNG);
     otherwise the default generator is used, as plain PyTorch modules do.
     """
-    mit = build_mit(
-        backbone,
-        embed_dims=embed_dims,
-        num_heads=num_heads,
-        depths=depths,
-        sr_ratios=sr_ratios,
-        drop_path_rate=drop_path_rate,
-        init=generator is None,
-    )
-    head = DAFormerHead(
-        in_channels=mit.embed_dims,
-        channels=decoder_channels,
-        num_classes=num_classes,
-        dilations=aspp_dilations,
-        dropout_ratio=dropout_ratio,
-        init=generator is None,
-    )
-    model = Segmentor(mit, head)
+    from dida.config import ModelCfg
+    from dida.models.registry import build_model
+
+    cfg = ModelCfg(backbone=backbone, num_classes=num_classes,
+                   embed_dims=None if embed_dims is None else list(embed_dims),
+                   num_heads=None if num_heads is None else list(num_heads),
+                   depths=None if depths is None else list(depths), drop_path_rate=drop_path_rate,
+                   decoder_channels=decoder_channels, aspp_dilations=list(aspp_dilations),
+                   dropout_ratio=dropout_ratio)
+    return build_model(cfg, generator)
+
+
+def build_encoder_decoder(cfg: ModelCfg, generator: torch.Generator | None = None) -> Segmentor:
+    """``model.segmentor=encoder_decoder``: the configured backbone + a DAFormer head on its maps."""
+    from dida.models.registry import build_backbone
+
+    backbone = build_backbone(cfg)
+    channels = getattr(backbone, "out_channels", None)
+    if channels is None:
+        raise TypeError(f"backbone '{cfg.backbone}' does not declare out_channels (see dida.models.base)")
+    head = DAFormerHead(in_channels=channels, channels=cfg.decoder_channels, num_classes=cfg.num_classes,
+                        dilations=cfg.aspp_dilations, dropout_ratio=cfg.dropout_ratio, init=generator is None)
+    model = Segmentor(backbone, head)
     if generator is not None:
         model.init_weights(generator)
     return model
 
 
-def build_segmentor_from_cfg(cfg: ModelCfg, generator: torch.Generator | None = None) -> Segmentor:
-    """Translate a ``dida.config.ModelCfg`` into ``build_segmentor`` keyword arguments."""
-    return build_segmentor(
-        cfg.backbone,
-        cfg.num_classes,
-        embed_dims=cfg.embed_dims,
-        num_heads=cfg.num_heads,
-        depths=cfg.depths,
-        drop_path_rate=cfg.drop_path_rate,
-        decoder_channels=cfg.decoder_channels,
-        aspp_dilations=cfg.aspp_dilations,
-        dropout_ratio=cfg.dropout_ratio,
-        generator=generator,
-    )
+def infer_daformer_head_fields(sd: Mapping[str, torch.Tensor], prefix: str = "decode_head.") -> dict[str, Any]:
+    """``ModelCfg`` head fields (classes, decoder channels, ASPP dilations) from DAFormer-head weights.
 
-
-def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        return v, v
-    v = tuple(int(x) for x in v)
-    if len(v) != 2:
-        raise ValueError(f"{name} must be an int or (height, width); got {v}")
-    return v  # type: ignore[return-value]
-
-
-def _logits_full(model: Segmentor, img: torch.Tensor) -> torch.Tensor:
-    """Logits resized to the input size (the reference's ``encode_decode`` without the embedding)."""
-    return _resize(model(img).logits, img.shape[-2:])
-
-
-def slide_logits(
-    model: Segmentor, img: torch.Tensor, crop_size: int | Sequence[int], stride: int | Sequence[int]
-) -> torch.Tensor:
-    """Sliding-window logits at the input size, averaged over overlapping windows (mmseg grid).
-
-    img [B, 3, H, W] -> [B, C, H, W]. Windows start at multiples of the stride and are clamped to the
-    image; each window's logits are resized to the window size and summed; the sum is divided by the
-    per-pixel window count.
+    ASPP dilations are not stored in weights: the reference dilations when there are 4 branches,
+    ``[1, 6, 12, ...]`` otherwise.
     """
-    h_crop, w_crop = _pair(crop_size, "crop_size")
-    h_stride, w_stride = _pair(stride, "stride")
-    b, _, h_img, w_img = img.shape
-    h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
-    w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
-    preds = img.new_zeros((b, model.num_classes, h_img, w_img))
-    count = img.new_zeros((1, 1, h_img, w_img))
-    for hi in range(h_grids):
-        for wi in range(w_grids):
-            y2 = min(hi * h_stride + h_crop, h_img)
-            x2 = min(wi * w_stride + w_crop, w_img)
-            y1 = max(y2 - h_crop, 0)
-            x1 = max(x2 - w_crop, 0)
-            preds[:, :, y1:y2, x1:x2] += _logits_full(model, img[:, :, y1:y2, x1:x2])
-            count[:, :, y1:y2, x1:x2] += 1
-    return preds / count
-
-
-def inference(
-    model: Segmentor,
-    img: torch.Tensor,
-    mode: Literal["whole", "slide"] = "whole",
-    crop_size: int | Sequence[int] | None = None,
-    stride: int | Sequence[int] | None = None,
-    out_size: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """Class probabilities as the reference test loop computes them.
-
-    Logits (whole image, or averaged sliding windows) are resized to the input size, then to
-    ``out_size`` (the original image size; two-step resize as mmseg), then softmax over classes.
-    Runs under ``torch.no_grad``; the caller decides train/eval mode (normally ``model.eval()``).
-    Channels-last inputs are accepted as they are.
-
-    Args:
-        model: the segmentor.
-        img: normalised images [B, 3, H, W].
-        mode: ``"whole"`` or ``"slide"``.
-        crop_size, stride: window size and step (int or (h, w)), required for ``"slide"``.
-        out_size: (height, width) of the output; default the input size.
-
-    Returns:
-        probs [B, C, *out_size] (or [B, C, H, W]), in the dtype of the logits.
-    """
-    with torch.no_grad():
-        if mode == "whole":
-            logits = _logits_full(model, img)
-        elif mode == "slide":
-            if crop_size is None or stride is None:
-                raise ValueError("slide inference needs crop_size and stride")
-            logits = slide_logits(model, img, crop_size, stride)
-        else:
-            raise ValueError(f"unknown inference mode {mode!r}; use 'whole' or 'slide'")
-        if out_size is not None:
-            logits = _resize(logits, out_size)
-        return logits.softmax(dim=1)
+    key = f"{prefix}conv_seg.weight"
+    if key not in sd:
+        return {}
+    w = sd[key]
+    fields: dict[str, Any] = {"num_classes": int(w.shape[0]), "decoder_channels": int(w.shape[1])}
+    aspp = re.compile(rf"^{re.escape(prefix)}fuse_layer\.aspp_modules\.(\d+)\.")
+    branches = {int(m.group(1)) for k in sd if (m := aspp.match(k))}
+    if branches and len(branches) != 4:
+        fields["aspp_dilations"] = [1] + [6 * j for j in range(1, len(branches))]
+    return fields

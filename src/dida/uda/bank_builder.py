@@ -196,7 +196,7 @@ def _resolve_device(name: str) -> torch.device:
 
 def _load_model(args: Any) -> nn.Module:
     from dida.checkpoint import load_checkpoint, model_cfg_from_checkpoint, read_checkpoint
-    from dida.models import build_segmentor_from_cfg
+    from dida.models import build_model
 
     ckpt = read_checkpoint(args.checkpoint, allow_pickle=bool(getattr(args, "allow_pickle", False)))
     if getattr(args, "config", None):
@@ -210,7 +210,7 @@ def _load_model(args: Any) -> nn.Module:
                 f"{args.checkpoint}: cannot tell which model this checkpoint holds. Pass --config with the "
                 "preset or YAML it was trained with."
             )
-    model = build_segmentor_from_cfg(model_cfg)
+    model = build_model(model_cfg)
     load_checkpoint(model, ckpt, which=getattr(args, "which", "model"))
     return model
 

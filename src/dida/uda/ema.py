@@ -101,10 +101,12 @@ class EMATeacher(nn.Module):
             images: [B, 3, H, W] normalised images.
 
         Returns:
-            Whatever the wrapped model returns (a ``SegmentorOutput`` for a Segmentor).
+            The wrapped model's ``predict(images)`` (its test-time forward, e.g. HRDA's sliding detail
+            windows), or its ``forward`` when it has no ``predict``.
         """
         set_teacher_modes(self.model, self.bn_eval)
-        return self.model(images)
+        predict = getattr(self.model, "predict", None)
+        return predict(images) if callable(predict) else self.model(images)
 
     def forward(self, images: Tensor) -> Any:  # noqa: D102 - alias of predict
         return self.predict(images)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from dida.errors import DataError
 from dida.io import atomic_path
-from dida.uda.dual_level import downsample_adjoint
+from dida.uda.interpolation import downsample_adjoint
 
 _HOW_TO_GET = (
     "Use the reference's f_buffer_s.npz / l_buffer_s.npz (np.savez, one entry 'arr_0'), build one from a "

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dida.uda.losses import seg_accuracy, seg_ce
+from dida.models.losses import seg_accuracy, seg_ce
 
 
 def test_seg_ce_mean_over_all_pixels_including_ignored():

@@ -1,0 +1,156 @@
+"""Reading and writing checkpoint files, safely and atomically.
+
+Files are opened with ``torch.load(weights_only=True)``: a file that needs arbitrary Python objects is
+refused unless the user passes ``--allow-pickle``. ``.safetensors`` files go through ``safetensors``.
+Every write is atomic (temporary file + rename) and holds only values a safe load accepts.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dida.checkpoint.formats import first
+from dida.errors import CheckpointError
+from dida.io import atomic_torch_save
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "describe_source", "plain", "read_checkpoint", "save_checkpoint"]
+
+FORMAT_NAME = "dida"
+# 2: term state under "terms" (version 1 had "imnet_model" / "instance_bank" at the top level).
+FORMAT_VERSION = 2
+
+
+def describe_source(source: str | os.PathLike[str] | None) -> str:
+    return str(source) if source is not None else "<in-memory checkpoint>"
+
+
+def read_checkpoint(path: str | os.PathLike[str], allow_pickle: bool = False) -> dict[str, Any]:
+    """Load a checkpoint file into a dict on the CPU, safely.
+
+    ``.safetensors`` files go through ``safetensors.torch.load_file``; everything else through
+    ``torch.load(weights_only=not allow_pickle)``.
+
+    Raises:
+        CheckpointError: missing file; a file that needs arbitrary Python objects (names the object and
+            the ``--allow-pickle`` flag); a truncated or non-checkpoint file; a file holding no dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found (no such file). Check the path.")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(path), device="cpu"))
+        except Exception as e:  # safetensors raises its own SafetensorError / OSError types
+            raise CheckpointError(
+                f"{path}: cannot read the safetensors file ({e}); it is truncated or not a checkpoint. "
+                "Download or copy it again."
+            ) from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", msg)
+        if not allow_pickle and found is not None:
+            raise CheckpointError(
+                f"{path}: refusing to unpickle the Python object {found.group(1)!r}: loading it could run "
+                "arbitrary code. If you trust the file's source, re-run with --allow-pickle "
+                "(allow_pickle=True)."
+            ) from None
+        detail = [line for line in msg.splitlines() if line.strip()]
+        reason = detail[-2].strip()[:120] if len(detail) >= 2 else msg[:120]
+        raise CheckpointError(
+            f"{path}: truncated or not a checkpoint (cannot be unpickled: {reason}). "
+            "Download or copy it again."
+        ) from None
+    except (EOFError, zipfile.BadZipFile, KeyError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: truncated or not a checkpoint ({type(e).__name__}: {str(e)[:120]}). "
+            "Download or copy it again."
+        ) from None
+    except RuntimeError as e:
+        text = str(e)
+        if "zip archive" in text or "PytorchStreamReader" in text or "corrupt" in text.lower():
+            raise CheckpointError(
+                f"{path}: truncated or not a checkpoint (the zip container is damaged: "
+                f"{text.split('. ')[0][:120]}). "
+                "Download or copy it again."
+            ) from None
+        raise CheckpointError(f"{path}: cannot load the checkpoint: {text[:300]}") from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{path}: holds a {type(obj).__name__}, not a dict of tensors; not a checkpoint dida can read."
+        )
+    return dict(obj)
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+_PLAIN = (
+    str, bytes, int, float, bool, complex, type(None), torch.Tensor, torch.Size, torch.dtype, torch.device
+)
+
+
+def _unsafe_values(obj: Any, where: str = "", out: list[str] | None = None) -> list[str]:
+    """Paths of values that ``torch.load(weights_only=True)`` would refuse (numpy arrays, objects)."""
+    out = [] if out is None else out
+    if isinstance(obj, Mapping):
+        if type(obj) not in (dict, OrderedDict):
+            out.append(f"{where or '<root>'} ({type(obj).__name__})")
+        for k, v in obj.items():
+            _unsafe_values(v, f"{where}.{k}" if where else str(k), out)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        if type(obj) not in (list, tuple, set, frozenset, torch.Size):
+            out.append(f"{where} ({type(obj).__name__})")
+        for i, v in enumerate(obj):
+            _unsafe_values(v, f"{where}[{i}]", out)
+    elif not isinstance(obj, _PLAIN) or (type(obj) not in _PLAIN and not isinstance(obj, torch.Tensor)):
+        out.append(f"{where} ({type(obj).__module__}.{type(obj).__name__})")
+    return out
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
+    """Write a dida checkpoint atomically (temporary file + rename).
+
+    ``state`` follows the dida format: ``model``, ``ema_model``, ``optimizer``, ``scheduler``,
+    ``iteration``, ``config`` (YAML text), ``rng``, ``instance_bank``, ``meta``; ``format`` and
+    ``version`` are filled in. Only plain types and tensors are allowed, so that the file loads with
+    ``weights_only=True``.
+
+    Raises:
+        CheckpointError: values that a safe load would refuse (numpy arrays/scalars, arbitrary objects).
+    """
+    full = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **state}
+    bad = _unsafe_values(full)
+    if bad:
+        raise CheckpointError(
+            f"{path}: not writing a checkpoint holding values a safe load would refuse: {first(bad)}. "
+            "Convert them to tensors or plain Python types."
+        )
+    atomic_torch_save(full, path)
+
+
+def plain(obj: Any) -> Any:
+    """Meta values as plain Python (tuples -> lists; anything exotic -> its ``repr``)."""
+    if isinstance(obj, Mapping):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool, type(None))):
+        return obj
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        try:
+            return obj.item()
+        except (ValueError, RuntimeError):
+            pass
+    return repr(obj)

@@ -1,0 +1,1 @@
+"""One module per ``dida`` subcommand; each has ``main(args) -> int``. ``dida.cli`` only parses arguments."""

@@ -1,0 +1,53 @@
+"""Devices and mixed precision: the one place that maps ``--device`` / ``run.device`` names to devices and
+``--amp`` / ``train.amp`` settings to autocast dtypes."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from dida.errors import ConfigError
+
+__all__ = ["AMP_DTYPES", "amp_dtype", "autocast", "resolve_device"]
+
+# "off" runs in float32 (TF32 matmuls where the backend allows them).
+AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(amp: str) -> torch.dtype | None:
+    """The autocast dtype of an AMP setting ("off" -> None).
+
+    Raises:
+        ConfigError: an unknown setting.
+    """
+    try:
+        return AMP_DTYPES[amp]
+    except KeyError:
+        raise ConfigError(f"amp must be one of {', '.join(AMP_DTYPES)}; got '{amp}'.") from None
+
+
+def autocast(device: torch.device | str, amp: str = "off") -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` for ``amp`` in {"bf16", "fp16"} on ``device``; a null context for "off"."""
+    dtype = amp_dtype(amp)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is checked and returned.
+
+    Raises:
+        ConfigError: a name that is not a device, or CUDA asked for on a machine without it.
+    """
+    if name is None or str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"--device '{name}': not a device name ({e}). Use cpu, cuda, cuda:N or auto.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine. Use --device cpu.")
+    return device
