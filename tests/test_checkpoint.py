@@ -165,7 +165,7 @@ def test_convert_checkpoint_cli(tmp_path, tiny_model_kwargs, capsys):
     text = capsys.readouterr().out
     assert "imnet_model" in text and "dropped" in text and "iteration: 40000" in text
     conv = read_checkpoint(out)  # weights_only
-    assert conv["format"] == "dida" and conv["version"] == 1 and conv["iteration"] == 40000
+    assert conv["format"] == "dida" and conv["version"] == 2 and conv["iteration"] == 40000
     assert conv["meta"]["mmcv_meta"]["CLASSES"] == ["road", "sidewalk", "building", "wall"]
     json.dumps(conv["meta"])  # plain types only
     for which, src_model in (("model", student), ("ema_model", teacher)):

@@ -32,11 +32,12 @@ def test_every_preset_loads_and_accepts_the_stable_overrides(name, tmp_path):
 def test_reference_presets():
     gta = load_config("gta2cs_dida")
     syn = load_config("synthia2cs_dida")
-    assert gta.uda.method == "dida" and gta.model.backbone == "mit_b5" and gta.run.seed == 0
+    assert gta.uda.self_training and gta.uda.dual_level.enabled and gta.model.backbone == "mit_b5" and gta.run.seed == 0
     assert "balanced avg cache 300" in gta.uda.bank.features_path
     assert syn.data.source.kind == "synthia" and syn.data.source.img_scale == [1280, 760] and syn.run.seed == 2
     assert "Synthia2cs cache 300" in syn.uda.bank.labels_path
-    assert load_config("gta2cs_source_only").uda.method == "source_only"
+    src_only = load_config("gta2cs_source_only").uda
+    assert not src_only.self_training and not src_only.dual_level.enabled and not src_only.feature_distance.enabled
 
 
 def test_default_roots_come_from_the_environment(monkeypatch):

@@ -17,12 +17,12 @@ def test_presets_load():
     methods = {}
     for name in ("synth_source_only", "synth_daformer", "synth_dida"):
         cfg = load_config(name)
-        methods[name] = cfg.uda.method
+        methods[name] = (cfg.uda.self_training, cfg.uda.dual_level.enabled)
         assert cfg.model.backbone == "mit_b0" and cfg.model.pretrained is None
         assert not cfg.uda.feature_distance.enabled
         assert cfg.train.eval_interval == cfg.train.max_iters
         assert cfg.data.source.kind == "gta" and cfg.data.val.split == "val"
-    assert methods == {"synth_source_only": "source_only", "synth_daformer": "daformer", "synth_dida": "dida"}
+    assert methods == {"synth_source_only": (False, False), "synth_daformer": (True, False), "synth_dida": (True, True)}
     assert load_config("synth_dida").uda.bank.init == "random"
 
 

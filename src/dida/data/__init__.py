@@ -37,6 +37,10 @@ def dataset_root(cfg: DatasetCfg) -> Path:
     root = default_root(cfg.kind) if cfg.kind in DATASET_KINDS else None
     if root is None:
         raise DataError(f"no root given for the {cfg.kind} dataset: set data.<source|target|val>.root.")
+    if not Path(root).exists():
+        raise DataError(f"no root given for the {cfg.kind} dataset and its default {root} does not exist: set "
+                        "data.<source|target|val>.root, or DIDA_DATA_ROOT to the folder that holds "
+                        f"{DATASET_KINDS[cfg.kind].folder}/.")
     return Path(root)
 
 
