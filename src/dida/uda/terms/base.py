@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -137,10 +137,11 @@ class Term(nn.Module):
 
     Attributes:
         name: the term's name in ``dida.uda.terms.TERMS`` (set by the table's builder).
-        needs_teacher: the term uses the teacher or the pseudo-labels, so it needs ``uda.self_training``.
+        needs_teacher: the term uses the teacher or the pseudo-labels, so it needs ``uda.self_training``
+            (a class default; an instance may set its own, e.g. from its mode).
     """
 
-    needs_teacher: ClassVar[bool] = False
+    needs_teacher: bool = False
     name: str = ""
 
     def on_source(self, ctx: StepContext) -> dict[str, Tensor]:
