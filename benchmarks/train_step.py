@@ -4,13 +4,13 @@
                                     [--device cpu|cuda] [--amp off|bf16] [--channels-last] [--compile]
 
 For each variant the student, EMA teacher, frozen ImageNet model and instance bank are built like
-``dida.engine.train.build_models`` does from ``dida.config`` defaults (same seed, so the same initial
+``dida.engine.train.build_training_state`` does from ``dida.config`` defaults (same seed, so the same initial
 weights), with AdamW from ``dida.engine.optim``; the step is ``dida.uda.step.build_step`` and one timed
 iteration is what the training loop does: zero_grad, the step with per-stage backward, optimizer step.
 
 Variants:
-- ``daformer``: DACS + ImageNet feature distance (``uda.method=daformer``).
-- ``dida``: ``uda.method=dida`` with ``InstanceBank.random(300, D, 19)``, at iterations where the bank
+- ``daformer``: DACS + ImageNet feature distance (the default terms).
+- ``dida``: ``uda.dual_level.enabled=true`` with ``InstanceBank.random(300, D, 19)``, at iterations where the bank
   is not updated (49 of 50 with the default ``bank.update_interval=50``).
 - ``dida (bank update every step)``: the same with ``bank.update_interval=1`` (worst case).
 
@@ -73,28 +73,22 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, method: str, bank_interval: int,
                  device: torch.device) -> None:
         from dida.config import Config
-        from dida.engine.optim import build_optimizer
-        from dida.engine.train import build_models
+        from dida.engine.train import build_training_state
         from dida.uda.step import build_step
 
         cfg = Config()
         cfg.model.backbone = args.backbone
-        cfg.uda.method = method
+        cfg.uda.dual_level.enabled = method == "dida"
         cfg.uda.bank.init = "random"
         cfg.uda.bank.size = args.bank_size
         cfg.uda.bank.update_interval = bank_interval
         cfg.uda.dual_level.chunk_rows = args.chunk_rows
+        cfg.train.channels_last = args.channels_last
         torch.manual_seed(0)  # same initial weights for every variant
-        self.student, self.teacher, self.imnet, self.bank = build_models(cfg, device)
-        if args.channels_last:
-            self.student.to(memory_format=torch.channels_last)
-        o = cfg.optim
-        self.optimizer = build_optimizer(
-            self.student.named_parameters(), lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps,
-            weight_decay=o.weight_decay, head_lr_mult=o.head_lr_mult, norm_decay_mult=o.norm_decay_mult)
+        state = build_training_state(cfg, device)
+        self.student, self.teacher, self.optimizer = state.student, state.teacher, state.optimizer
         step_model = torch.compile(self.student) if args.compile else self.student
-        self.step = build_step(cfg.uda, student=step_model, teacher=self.teacher, imnet_model=self.imnet,
-                               bank=self.bank, num_classes=cfg.model.num_classes, amp=args.amp,
+        self.step = build_step(cfg.uda, student=step_model, teacher=self.teacher, terms=state.terms, amp=args.amp,
                                device_type=device.type)
         self.generator = torch.Generator()
         self.it = 1
@@ -104,8 +98,7 @@ class Trainer:
         torch.manual_seed(self.it)
         self.generator.manual_seed(self.it + 1)
         self.optimizer.zero_grad(set_to_none=True)
-        self.step(batch, self.it, generator=self.generator,
-                  backward=lambda loss, retain_graph=False: loss.backward(retain_graph=retain_graph))
+        self.step(batch, self.it, generator=self.generator, backward=lambda loss: loss.backward())
         self.optimizer.step()
         self.it += 1
         if self.it % 50 == 0:  # keep clear of the bank schedule's step (except for interval 1)

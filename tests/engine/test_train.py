@@ -75,7 +75,7 @@ def test_teacher_is_the_ema_of_the_student(data_root, tmp_path):
 
 @pytest.mark.parametrize("method", ["daformer", "dida"])
 def test_resume_reproduces_an_uninterrupted_run(data_root, tmp_path, method):
-    extra = ["train.max_iters=4", "train.checkpoint_interval=2", f"uda.method={method}",
+    extra = ["train.max_iters=4", "train.checkpoint_interval=2", f"uda.dual_level.enabled={method == 'dida'}",
              "uda.bank.init=random", "uda.bank.size=19", "uda.bank.update_interval=2"]
     full = train(tiny(data_root, tmp_path / "full", *extra))
     # An interrupted copy: the state after iteration 2 only.
@@ -94,17 +94,21 @@ def test_resume_reproduces_an_uninterrupted_run(data_root, tmp_path, method):
         assert {k: v for k, v in ra.items() if k != "time"} == {k: v for k, v in rb.items() if k != "time"}
     wa = torch.load(full / "latest.pth", weights_only=True)
     wb = torch.load(part / "latest.pth", weights_only=True)
-    for key in ("model", "ema_model", "instance_bank"):
-        if wa[key] is None:
-            continue
-        for name in wa[key]:
-            assert torch.equal(wa[key][name], wb[key][name]), f"{key}.{name}"
+    assert set(wa["terms"]) == ({"feature_distance", "dual_level"} if method == "dida" else {"feature_distance"})
+    states = {"model": (wa["model"], wb["model"]), "ema_model": (wa["ema_model"], wb["ema_model"]),
+              **{f"terms.{t}": (wa["terms"][t], wb["terms"][t]) for t in wa["terms"]}}
+    for key, (sa, sb) in states.items():
+        assert sa.keys() == sb.keys()
+        for name in sa:
+            assert torch.equal(sa[name], sb[name]), f"{key}.{name}"
 
 
 def test_dida_bank_changes_only_on_update_iterations(data_root, tmp_path):
-    run = train(tiny(data_root, tmp_path / "run", "uda.method=dida", "uda.bank.init=random", "uda.bank.size=19",
-                     "uda.bank.update_interval=2", "train.max_iters=4", "train.checkpoint_interval=1"))
-    banks = [torch.load(run / f"iter_{i}.pth", weights_only=True)["instance_bank"]["features"] for i in range(1, 5)]
+    run = train(tiny(data_root, tmp_path / "run", "uda.dual_level.enabled=true", "uda.bank.init=random",
+                     "uda.bank.size=19", "uda.bank.update_interval=2", "train.max_iters=4",
+                     "train.checkpoint_interval=1"))
+    banks = [torch.load(run / f"iter_{i}.pth", weights_only=True)["terms"]["dual_level"]["bank.features"]
+             for i in range(1, 5)]
     # Updates run at iterations 0 and 2 (0-based), i.e. inside checkpoints 1 and 3.
     assert torch.equal(banks[0], banks[1])  # iteration 1: no update
     assert not torch.equal(banks[1], banks[2])  # iteration 2: update
@@ -113,7 +117,8 @@ def test_dida_bank_changes_only_on_update_iterations(data_root, tmp_path):
 
 
 def test_source_only_logs_only_the_source_loss(data_root, tmp_path):
-    run = train(tiny(data_root, tmp_path / "run", "uda.method=source_only", "train.max_iters=2"))
+    run = train(tiny(data_root, tmp_path / "run", "uda.self_training=false", "uda.feature_distance.enabled=false",
+                     "train.max_iters=2"))
     row = read_jsonl(run / "metrics.jsonl")[0]
     assert "loss/src_ce" in row and "loss/mix_ce" not in row
 
@@ -129,8 +134,14 @@ def _nan_at(monkeypatch, at: int) -> None:
 
     original = step_mod.SelfTrainingStep.__call__
 
-    def patched(self, batch, step, *args, **kwargs):
-        out = original(self, batch, step, *args, **kwargs)
+    def patched(self, batch, step, *args, backward=None, **kwargs):
+        if step == at and backward is not None:
+            # A diverging mixed loss: NaN in its value and in the gradients it sends back.
+            real_backward = backward
+
+            def backward(loss):
+                real_backward(loss * float("nan"))
+        out = original(self, batch, step, *args, backward=backward, **kwargs)
         if step == at:
             out.losses["loss/mix_ce"] = out.losses["loss/mix_ce"] * float("nan")
         return out
@@ -198,12 +209,13 @@ def _ddp_worker(rank: int, world: int, port: int, cfg, out_dir: str) -> None:
 
 
 def test_two_process_gloo_run_keeps_ranks_identical(data_root, tmp_path):
-    cfg = tiny(data_root, tmp_path / "run", "train.max_iters=3", "uda.method=dida", "uda.bank.init=random",
-               "uda.bank.size=19", "uda.bank.update_interval=2")
+    cfg = tiny(data_root, tmp_path / "run", "train.max_iters=3", "uda.dual_level.enabled=true",
+               "uda.bank.init=random", "uda.bank.size=19", "uda.bank.update_interval=2")
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    for key in ("model", "ema_model", "instance_bank"):
+    assert set(r0) == {"model", "ema_model", "feature_distance", "dual_level"}
+    for key in r0:
         for name, t in r0[key].items():
             if name.endswith(("running_mean", "running_var", "num_batches_tracked")):
                 continue  # BatchNorm statistics are per rank (no SyncBN, as in the reference)
@@ -211,3 +223,21 @@ def test_two_process_gloo_run_keeps_ranks_identical(data_root, tmp_path):
     # The ranks saw different data: their BN statistics differ.
     assert not torch.equal(r0["model"]["decode_head.fuse_layer.bottleneck.bn.running_mean"],
                            r1["model"]["decode_head.fuse_layer.bottleneck.bn.running_mean"])
+
+
+def test_an_empty_feature_distance_mask_is_logged_as_nan_and_training_goes_on(data_root, tmp_path, monkeypatch):
+    """``uda.feature_distance.empty_mask=nan`` reproduces the reference: NaN logged, the other losses' gradients
+    applied, no stop."""
+    from dida.uda.terms import feature_distance as fd_mod
+
+    monkeypatch.setattr(fd_mod, "thing_mask", lambda labels, scale, *a, **k: torch.zeros(
+        labels.shape[0], labels.shape[1] // scale, labels.shape[2] // scale, dtype=torch.bool))
+    run = train(tiny(data_root, tmp_path / "run", "uda.feature_distance.empty_mask=nan", "train.max_iters=2",
+                     "train.checkpoint_interval=1"))
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["iter"] for r in rows] == [1, 2]
+    assert all(r["loss/feat_dist"] != r["loss/feat_dist"] for r in rows)  # NaN
+    c1 = torch.load(run / "iter_1.pth", weights_only=True)
+    c2 = torch.load(run / "iter_2.pth", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in c2["model"].values() if v.is_floating_point())
+    assert not torch.equal(c1["model"]["decode_head.conv_seg.weight"], c2["model"]["decode_head.conv_seg.weight"])

@@ -1,3 +1,5 @@
+"""The self-training step: the skeleton, its terms (feature distance, DIDA), and what each stage reads."""
+
 from __future__ import annotations
 
 import copy
@@ -5,13 +7,27 @@ import copy
 import pytest
 import torch
 
-from dida.config import UDACfg
-from dida.models import build_segmentor
+from dida.config import Config, load_config
+from dida.models import build_model
 from dida.uda.ema import EMATeacher
-from dida.uda.instance_bank import InstanceBank
 from dida.uda.step import SelfTrainingStep, StepOutput, build_step
+from dida.uda.terms import TermBuildContext, build_terms
 
 SIZE = 64
+
+# Old step keyword -> config key (the step is built from the configuration, the one home of defaults).
+_KEYS = {
+    "pseudo_weight_ignore_top": "uda.pseudo_weight_ignore_top",
+    "pseudo_weight_ignore_bottom": "uda.pseudo_weight_ignore_bottom",
+    "color_jitter_prob": "uda.augment.color_jitter_prob",
+    "mix_classes": "uda.mix_classes",
+    "feature_distance_empty": "uda.feature_distance.empty_mask",
+    "bank_update_interval": "uda.bank.update_interval",
+    "chunk_rows": "uda.dual_level.chunk_rows",
+    "weak_augment": "uda.dual_level.weak_augment",
+    "a_smooth": "uda.dual_level.a_smooth",
+    "calibrate": "uda.dual_level.calibrate",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -36,23 +52,38 @@ def _batch(seed=0, b=2, num_classes=4):
     }
 
 
-def _setup(tiny_model_kwargs, method="dida", **kw):
-    student = build_segmentor(**tiny_model_kwargs, generator=torch.Generator().manual_seed(0))
+def _cfg(tiny_model_kwargs, method="dida", **kw) -> Config:
+    m = tiny_model_kwargs
+    overrides = [
+        f"model.backbone={m['backbone']}", f"model.num_classes={m['num_classes']}",
+        f"model.embed_dims={m['embed_dims']}", f"model.num_heads={m['num_heads']}", f"model.depths={m['depths']}",
+        f"model.decoder_channels={m['decoder_channels']}",
+        f"uda.self_training={method != 'source_only'}", f"uda.feature_distance.enabled={method != 'source_only'}",
+        f"uda.dual_level.enabled={method == 'dida'}",
+        "uda.pseudo_weight_ignore_top=2", "uda.pseudo_weight_ignore_bottom=4", "uda.feature_distance.classes=[1,2]",
+        "uda.augment.color_jitter_prob=0.0", "uda.bank.init=random", "uda.bank.size=8", "uda.bank.update_interval=1",
+        "uda.dual_level.chunk_rows=16",
+    ]
+    overrides += [f"{_KEYS[k]}={v}" for k, v in kw.items()]
+    return load_config(None, overrides)
+
+
+def _setup(tiny_model_kwargs, method="dida", amp="off", device_type=None, **kw) -> SelfTrainingStep:
+    cfg = _cfg(tiny_model_kwargs, method, **kw)
+    student = build_model(cfg.model, generator=torch.Generator().manual_seed(0))
     student.train()
-    teacher = EMATeacher(student) if method != "source_only" else None
-    imnet = copy.deepcopy(student.backbone).eval().requires_grad_(False) if method != "source_only" else None
-    bank = None
-    if method == "dida":
-        bank = InstanceBank.random(8, student.embed_dim, 4, generator=torch.Generator().manual_seed(1))
-    args = dict(student=student, teacher=teacher, imnet_model=imnet, bank=bank, method=method, num_classes=4,
-                pseudo_weight_ignore_top=2, pseudo_weight_ignore_bottom=4, feature_distance_classes=(1, 2),
-                color_jitter_prob=0.0, bank_update_interval=1, chunk_rows=16)
-    args.update(kw)
-    return SelfTrainingStep(**args)
+    teacher = EMATeacher(student) if cfg.uda.self_training else None
+    torch.manual_seed(1)  # the ImageNet model is initialised independently, from the global RNG
+    terms = build_terms(cfg, TermBuildContext(student=student, device=torch.device("cpu"), seed=0))
+    return build_step(cfg.uda, student=student, teacher=teacher, terms=terms, amp=amp, device_type=device_type)
 
 
-def _backward(loss, retain_graph=False):
-    loss.backward(retain_graph=retain_graph)
+def _term(step, name):
+    return next(t for t in step.terms if t.name == name)
+
+
+def _backward(loss):
+    loss.backward()
 
 
 def _run(step, batch, it=0, seed=0, backward=_backward, debug=False) -> StepOutput:
@@ -73,15 +104,16 @@ def test_daformer_step_losses_and_no_mutation(tiny_model_kwargs):
     assert set(out.stats) == {"stat/src_acc", "stat/pseudo_weight"}
     for v in [*out.losses.values(), *out.stats.values()]:
         assert v.dim() == 0 and torch.isfinite(v) and not v.requires_grad
-    assert out.losses["loss/feat_dist"] > 0  # a thing cell is present; drop-path makes the features differ
+    assert out.losses["loss/feat_dist"] > 0  # a thing cell is present; the ImageNet model differs
     for k in batch:
         assert torch.equal(batch[k], clones[k]), k
     assert out.debug is not None
     for v in out.debug.values():
         assert v.shape[0] == 2 and not v.requires_grad
     assert out.debug["mixed"].shape == batch["img"].shape
-    # the teacher receives no gradient
+    # the teacher and the frozen ImageNet model receive no gradient
     assert all(p.grad is None and not p.requires_grad for p in step.teacher.model.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in _term(step, "feature_distance").parameters())
     # the student does
     assert len(_grads(step.student)) > 0
 
@@ -90,18 +122,20 @@ def test_dida_step_losses_no_mutation_teacher_frozen(tiny_model_kwargs):
     step = _setup(tiny_model_kwargs, method="dida", color_jitter_prob=0.0)
     batch = _batch(1)
     clones = {k: v.clone() for k, v in batch.items()}
-    bank_before = step.bank.features.clone()
+    bank = _term(step, "dual_level").bank
+    bank_before = bank.features.clone()
     out = _run(step, batch)
     assert set(out.losses) == {"loss/src_ce", "loss/feat_dist", "loss/mix_ce", "loss/instance"}
     assert all(torch.isfinite(v) for v in out.losses.values())
     for k in batch:
         assert torch.equal(batch[k], clones[k]), k
     assert all(p.grad is None for p in step.teacher.model.parameters())
-    assert not torch.equal(step.bank.features, bank_before)  # updated at step 0 (interval 1)
+    assert not torch.equal(bank.features, bank_before)  # updated at step 0 (interval 1)
 
 
 def test_source_only(tiny_model_kwargs):
     step = _setup(tiny_model_kwargs, method="source_only")
+    assert step.teacher is None and step.terms == []
     batch = _batch()
     del batch["target_img"]
     out = _run(step, batch)
@@ -179,36 +213,150 @@ def test_scatter_and_weak_options_run(tiny_model_kwargs):
 
 
 def test_build_step_from_config(tiny_model_kwargs):
-    cfg = UDACfg(method="dida")
-    cfg.feature_distance.classes = [1, 2]
-    student = build_segmentor(**tiny_model_kwargs, generator=torch.Generator().manual_seed(0))
-    teacher = EMATeacher(student, alpha=cfg.ema.alpha)
-    bank = InstanceBank.random(8, student.embed_dim, 4, generator=torch.Generator().manual_seed(1))
-    step = build_step(cfg, student=student, teacher=teacher, imnet_model=copy.deepcopy(student.backbone),
-                      bank=bank, num_classes=4)
-    assert step.method == "dida" and step.bank_update_interval == 50 and step.pseudo_threshold == 0.968
-    assert step.feature_distance_classes == (1, 2) and step.autocast_dtype is None
-    with pytest.raises(ValueError):
-        build_step(UDACfg(method="dida"), student=student, teacher=teacher, imnet_model=None, bank=None,
-                   num_classes=4)
+    cfg = _cfg(tiny_model_kwargs, "dida")
+    cfg.uda.bank.update_interval = 50
+    student = build_model(cfg.model, generator=torch.Generator().manual_seed(0))
+    terms = build_terms(cfg, TermBuildContext(student=student, device=torch.device("cpu"), seed=0))
+    step = build_step(cfg.uda, student=student, teacher=EMATeacher(student, alpha=cfg.uda.ema.alpha), terms=terms)
+    assert [t.name for t in step.terms] == ["feature_distance", "dual_level"]
+    assert _term(step, "dual_level").update_interval == 50 and step.pseudo_threshold == 0.968
+    assert _term(step, "feature_distance").classes == (1, 2) and step.autocast_dtype is None
+    # a term that needs the teacher's pseudo-labels cannot run without a teacher
+    with pytest.raises(ValueError, match="need an EMA teacher"):
+        build_step(cfg.uda, student=student, teacher=None, terms=terms)
 
 
 def test_missing_pieces_rejected(tiny_model_kwargs):
-    student = build_segmentor(**tiny_model_kwargs, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError):
-        SelfTrainingStep(student=student, teacher=None, imnet_model=None, bank=None, method="daformer",
-                         num_classes=4)
+    from dida.errors import ConfigError
+
+    cfg = _cfg(tiny_model_kwargs, "dida")
+    cfg.uda.self_training = False
+    student = build_model(cfg.model, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match="uda.dual_level.enabled.*self_training"):
+        build_terms(cfg, TermBuildContext(student=student, device=torch.device("cpu"), seed=0))
+    cfg.uda.self_training = True
+    cfg.uda.bank.init = "from_file"
+    with pytest.raises(ConfigError, match="uda.bank.features_path"):
+        build_terms(cfg, TermBuildContext(student=student, device=torch.device("cpu"), seed=0))
+
+
+# ----------------------------------------------------------------------------- what each stage reads
+
+
+def test_feature_distance_compares_the_last_backbone_stage(tiny_model_kwargs, monkeypatch):
+    from dida.uda.terms import feature_distance as fd_mod
+
+    step = _setup(tiny_model_kwargs, method="daformer")
+    seen = {}
+    original = fd_mod.feature_distance_loss
+
+    def spy(student_feat, imnet_feat, mask, weight, empty):
+        seen.update(student=student_feat.detach().clone(), imnet=imnet_feat.detach().clone(), mask=mask)
+        return original(student_feat, imnet_feat, mask, weight, empty)
+
+    monkeypatch.setattr(fd_mod, "feature_distance_loss", spy)
+    batch = _batch(5)
+    _run(step, batch)
+    torch.manual_seed(123)  # the same drop-path draws as the step's source forward
+    student_feats = copy.deepcopy(step.student).train()(batch["img"]).features
+    imnet = _term(step, "feature_distance").imnet_model
+    with torch.no_grad():
+        imnet_feats = imnet.extract_features(batch["img"])
+    assert len(student_feats) == 4
+    torch.testing.assert_close(seen["student"], student_feats[-1].detach())
+    torch.testing.assert_close(seen["imnet"], imnet_feats[-1])
+    assert seen["mask"].shape == student_feats[-1].shape[:1] + student_feats[-1].shape[-2:]
+    assert not imnet.training  # the ImageNet model runs in eval mode (no dropout / drop-path)
+
+
+@pytest.mark.parametrize("weak", [False, True])
+def test_teacher_sees_the_unaugmented_target_unless_the_weak_view_is_on(tiny_model_kwargs, monkeypatch, weak):
+    step = _setup(tiny_model_kwargs, method="dida", weak_augment=weak, color_jitter_prob=0.0)
+    seen = []
+    original = EMATeacher.predict
+
+    def spy(self, images):
+        seen.append(images.clone())
+        return original(self, images)
+
+    monkeypatch.setattr(EMATeacher, "predict", spy)
+    batch = _batch(6)
+    _run(step, batch, seed=3)
+    assert len(seen) == 1
+    assert torch.equal(seen[0], batch["target_img"]) is (not weak)
+
+
+def test_bank_update_reads_the_source_embedding_and_labels(tiny_model_kwargs, monkeypatch):
+    from dida.uda.instance_bank import InstanceBank
+
+    step = _setup(tiny_model_kwargs, method="dida")
+    seen = {}
+    original = InstanceBank.update
+
+    def spy(self, embedding, labels, momentum, **kw):
+        seen.update(embedding=embedding.clone(), labels=labels.clone(), momentum=momentum, **kw)
+        return original(self, embedding, labels, momentum, **kw)
+
+    monkeypatch.setattr(InstanceBank, "update", spy)
+    student_before = copy.deepcopy(step.student)
+    batch = _batch(7)
+    _run(step, batch)
+    torch.manual_seed(123)
+    source_embedding = student_before(batch["img"]).embedding
+    torch.testing.assert_close(seen["embedding"], source_embedding.detach())
+    assert torch.equal(seen["labels"], batch["label"])
+    assert seen["momentum"] == 0.999 and seen["class_mean"] == "reference" and seen["absent"] == "decay"
+
+
+def test_bank_update_runs_on_its_interval_only(tiny_model_kwargs):
+    step = _setup(tiny_model_kwargs, method="dida", bank_update_interval=3)
+    bank = _term(step, "dual_level").bank
+    changed = []
+    for it in range(4):
+        before = bank.features.clone()
+        _run(step, _batch(it), it=it)
+        changed.append(not torch.equal(before, bank.features))
+    assert changed == [True, False, False, True]
+
+
+def test_empty_feature_distance_mask_nan_logs_nan_and_adds_no_gradient(tiny_model_kwargs):
+    """Reference: FD over an empty thing mask is NaN; it is logged and the other gradients still apply."""
+    batch = _batch(8)
+    batch["label"] = torch.where(batch["label"] == 255, 255, 0)  # no thing class anywhere
+    with_fd = _setup(tiny_model_kwargs, method="daformer", feature_distance_empty="nan")
+    out = _run(with_fd, batch)
+    assert torch.isnan(out.losses["loss/feat_dist"])
+    grads = _grads(with_fd.student)
+    assert grads and all(torch.isfinite(g).all() for g in grads.values())
+    zero = _setup(tiny_model_kwargs, method="daformer", feature_distance_empty="zero")
+    out_zero = _run(zero, batch)
+    assert out_zero.losses["loss/feat_dist"] == 0
+    for k, g in _grads(zero.student).items():
+        torch.testing.assert_close(grads[k], g)
+
+
+def test_valid_pseudo_mask_zeroes_the_target_weight(tiny_model_kwargs):
+    step = _setup(tiny_model_kwargs, method="daformer", pseudo_weight_ignore_top=0, pseudo_weight_ignore_bottom=0)
+    batch = _batch(9)
+    valid = torch.ones(2, 1, SIZE, SIZE, dtype=torch.uint8)
+    valid[:, :, :, :10] = 0
+    batch["valid_pseudo_mask"] = valid
+    out = _run(step, batch, debug=True)
+    weight = out.debug["pseudo_weight"]
+    assert torch.all(weight[:, :, :10] == 0)
+    assert torch.all(weight[:, :, 10:] == weight[0, 0, 10])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["daformer", "dida"])
 def test_cuda_bf16_step_has_no_host_sync(tiny_model_kwargs, method):
     dev = torch.device("cuda")
-    step = _setup(tiny_model_kwargs, method=method, color_jitter_prob=0.0, weak_augment=True,
-                  autocast_device_type="cuda", autocast_dtype=torch.bfloat16)
-    for name in ("student", "teacher", "imnet_model", "bank"):
-        if getattr(step, name) is not None:
-            getattr(step, name).to(dev)
+    step = _setup(tiny_model_kwargs, method=method, amp="bf16", device_type="cuda", color_jitter_prob=0.0,
+                  weak_augment=True)
+    step.student.to(dev)
+    step.teacher.to(dev)
+    for term in step.terms:
+        term.to(dev)
     batch = {k: v.to(dev) for k, v in _batch(5).items()}
     clones = {k: v.clone() for k, v in batch.items()}
     _run(step, batch, it=0)  # warm-up (lazy initialisations may synchronise once)
