@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from dida.constants import CITYSCAPES_ID_TO_TRAINID, IGNORE_INDEX, NUM_CLASSES
-from dida.data import synthetic
+from dida.data import convert, synthetic
 from dida.data.synthetic import SynthParams, generate
 
-SMALL = dict(num_source=3, num_target_train=3, num_val=2, width=96, height=48)
+SMALL = {"num_source": 3, "num_target_train": 3, "num_val": 2, "width": 96, "height": 48}
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -125,7 +125,7 @@ def test_domain_gap(tmp_path: Path):
     """Per-class mean colours differ between domains while the class layout is shared."""
     params = SynthParams(seed=0, num_source=12, num_target_train=12, num_val=1, width=128, height=64)
     generate(tmp_path, params, nproc=1, progress=False)
-    rgb = lambda p: np.asarray(Image.open(p).convert("RGB"))  # noqa: E731
+    rgb = lambda p: np.asarray(Image.open(p).convert("RGB"))
     src_img = [rgb(p) for p in sorted((tmp_path / "gta/images").glob("*.png"))]
     src_lab = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "gta/labels").glob("*.png"))]
     cs = tmp_path / "cityscapes"
@@ -154,7 +154,6 @@ def test_cli_synth(tmp_path: Path):
 
 
 def test_convert_works_on_synthetic_output(tmp_path: Path):
-    convert = pytest.importorskip("dida.data.convert")
     generate(tmp_path, SynthParams(seed=0, **SMALL), nproc=1, progress=False)
     convert.convert_dataset("gta", str(tmp_path / "gta"), nproc=1)
     convert.convert_dataset("cityscapes", str(tmp_path / "cityscapes"), nproc=1)

@@ -1,4 +1,5 @@
-"""Fixtures of tests/data: tiny converted GTA / SYNTHIA / Cityscapes datasets (session-scoped, read-only)."""
+"""Fixtures of tests/data: the tiny converted GTA / SYNTHIA / Cityscapes datasets of the shared
+``fake_data`` fixture (profile ``formats``; session-scoped, read-only)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from fake_datasets import write_fake_cityscapes, write_fake_gta, write_fake_synthia
+
+@pytest.fixture(scope="session")
+def gta_root(fake_data) -> Path:
+    return fake_data / "formats" / "gta"  # 6 images, 96x64
 
 
 @pytest.fixture(scope="session")
-def gta_root(tmp_path_factory) -> Path:
-    return write_fake_gta(tmp_path_factory.mktemp("data") / "gta", n=6, size=(96, 64), seed=1)
+def synthia_root(fake_data) -> Path:
+    return fake_data / "formats" / "synthia"  # 4 images, 96x57
 
 
 @pytest.fixture(scope="session")
-def synthia_root(tmp_path_factory) -> Path:
-    return write_fake_synthia(tmp_path_factory.mktemp("data") / "synthia", n=4, size=(96, 57), seed=2)
-
-
-@pytest.fixture(scope="session")
-def cityscapes_root(tmp_path_factory) -> Path:
-    return write_fake_cityscapes(tmp_path_factory.mktemp("data") / "cityscapes", n_per_split=3,
-                                 size=(128, 64), seed=3)
+def cityscapes_root(fake_data) -> Path:
+    return fake_data / "formats" / "cityscapes"  # train and val, 3 images each, 128x64

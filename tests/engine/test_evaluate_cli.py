@@ -33,16 +33,14 @@ def _write_config(path: Path, model_kwargs: dict, data_root: Path, **extra) -> P
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, fake_data):
     """A 3-image Cityscapes val split, a config for the tiny 19-class model and a dida checkpoint."""
     from dida.checkpoint import save_checkpoint
     from dida.config import load_config, to_yaml
-    from dida.data.fake import write_fake_cityscapes
     from dida.models import build_model
 
     tmp = tmp_path_factory.mktemp("dida_test")
-    root = write_fake_cityscapes(tmp / "cityscapes", splits=("val",), n_per_split=NUM_VAL, size=(128, 64),
-                                 seed=3)
+    root = fake_data / "formats" / "cityscapes"  # 128x64, NUM_VAL images in val
     kwargs = dict(backbone="mit_b0", embed_dims=[8, 16, 32, 64], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1],
                   decoder_channels=16)
     cfg_path = _write_config(tmp / "tiny.yaml", kwargs, root)

@@ -16,17 +16,13 @@ import pytest
 import torch
 
 from dida.config import load_config
-from dida.data.fake import write_fake_cityscapes, write_fake_gta
 from dida.engine.train import NonFiniteLossError, train
 from dida.errors import DidaError
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    write_fake_gta(root / "gta", n=6, size=(192, 108), seed=0)
-    write_fake_cityscapes(root / "cs", splits=("train", "val"), n_per_split=3, size=(256, 128), seed=1)
-    return root
+def data_root(fake_data) -> Path:
+    return fake_data / "tiny_cpu"
 
 
 def tiny(data_root: Path, run_dir: Path, *extra: str):

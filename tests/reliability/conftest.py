@@ -1,4 +1,4 @@
-"""Shared fixtures of the reliability tests: a tiny generated GTA -> Cityscapes pair."""
+"""Shared fixtures of the reliability tests: the tiny generated GTA -> Cityscapes pair of ``fake_data``."""
 
 from __future__ import annotations
 
@@ -6,16 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from dida.data.fake import write_fake_cityscapes, write_fake_gta
-
 
 @pytest.fixture(scope="session")
-def rel_data(tmp_path_factory) -> Path:
-    """Read-only by convention: tests that damage data copy it first (see ``rel_data_copy``)."""
-    root = tmp_path_factory.mktemp("rel_data")
-    write_fake_gta(root / "gta", n=6, size=(192, 108), seed=0)
-    write_fake_cityscapes(root / "cs", splits=("train", "val"), n_per_split=3, size=(256, 128), seed=1)
-    return root
+def rel_data(fake_data) -> Path:
+    """``gta/`` and ``cs/``. Read-only: tests that damage data copy it first (see ``rel_data_copy``)."""
+    return fake_data / "tiny_cpu"
 
 
 @pytest.fixture

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
+from dida import checkpoint
 from dida.constants import RARE_CLASS_ORDER
+from dida.data import fake
 from dida.uda.bank_builder import balanced_selection, build_bank, class_order
 from dida.uda.instance_bank import InstanceBank
 
@@ -88,13 +90,12 @@ def test_build_bank_rows_are_per_image_class_means_of_the_upsampled_embedding():
 
 
 def test_cli_builds_a_balanced_bank_in_the_reference_format(tmp_path, capsys):
-    fake = pytest.importorskip("dida.data.fake")
-    checkpoint = pytest.importorskip("dida.checkpoint")
     from dida.cli import main
     from dida.models import build_segmentor
 
     root = fake.write_fake_gta(tmp_path / "gta", n=4, size=(64, 32), seed=0)
-    kwargs = dict(embed_dims=[8, 16, 32, 64], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1], decoder_channels=16)
+    kwargs = {"embed_dims": [8, 16, 32, 64], "num_heads": [1, 1, 1, 1], "depths": [1, 1, 1, 1],
+              "decoder_channels": 16}
     model = build_segmentor("mit_b0", 19, **kwargs, generator=torch.Generator().manual_seed(0))
     yaml_text = (
         "model:\n  backbone: mit_b0\n  num_classes: 19\n  embed_dims: [8, 16, 32, 64]\n"
