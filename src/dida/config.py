@@ -164,6 +164,30 @@ class DualLevelCfg:
 
 
 @dataclass
+class MICCfg:
+    """MIC's masked image consistency (a training term, hrda_mic.md 4). Defaults: the MIC(HRDA) presets."""
+
+    enabled: bool = False
+    # Masked images (spec 4.3): separatetrg = target + pseudo-labels (GTA/SYN->CS presets); separatesrc = source
+    # (needs no teacher); separate = [source 0, target 0] (Q15: batch 2 only). "...aug": jitter + blur first.
+    mode: Literal["separate", "separateaug", "separatesrc", "separatesrcaug", "separatetrg",
+                  "separatetrgaug"] = "separatetrgaug"
+    block_size: int = 64  # block side in px: 64 for MIC(HRDA)'s 1024^2 crops, 32 for MIC(DAFormer)'s 512^2
+    ratio: float = 0.7  # probability that a block is masked
+    # Loss weight. 1 like every MIC preset: the reference's base default 0 would silently zero the fused term
+    # and keep only HRDA's detail term (Q12).
+    mask_lambda: float = 1.0
+    lambda_scope: Literal["seg_only", "all"] = "seg_only"  # seg_only (Q12): mask_lambda skips HRDA's detail term
+    blur_gate: Literal["always", "follow_blur"] = "always"  # always (Q13): blur even if uda.augment.blur=false
+    blur_sigma: Literal["per_batch", "per_image"] = "per_batch"  # per_batch (Q13): one sigma for the batch
+    # The MIC teacher (spec 4.5). null / null / true = the reference's 'same'/'same' (every preset): reuse the
+    # DACS teacher's pseudo-labels. Anything else builds a separate EMA teacher (ablations, Table 7).
+    alpha: Optional[float] = None  # its EMA cap; null = 'same' (uda.ema.alpha); 0 = the student itself
+    pseudo_threshold: Optional[float] = None  # its confidence threshold; null = 'same' (uda.pseudo_threshold)
+    confidence_weight: bool = True  # false = the reference's mask_pseudo_threshold None: weight 1 everywhere
+
+
+@dataclass
 class UDACfg:
     """The self-training step and its terms.
 
@@ -185,6 +209,7 @@ class UDACfg:
     augment: AugmentCfg = field(default_factory=AugmentCfg)
     bank: BankCfg = field(default_factory=BankCfg)
     dual_level: DualLevelCfg = field(default_factory=DualLevelCfg)
+    mic: MICCfg = field(default_factory=MICCfg)
 
 
 # ---------------------------------------------------------------------------- optimisation, run
@@ -443,6 +468,23 @@ def _check_names(cfg: Config) -> None:
                f"unknown dataset kind '{kind}'; known: {', '.join(DATASET_KINDS)}")
 
 
+def _check_mic(cfg: Config) -> None:
+    m = cfg.uda.mic
+    _check(m.block_size >= 1, "uda.mic.block_size", f"must be >= 1, got {m.block_size}")
+    _check(0 <= m.ratio <= 1, "uda.mic.ratio", f"must be in [0, 1], got {m.ratio}")
+    _check(m.mask_lambda >= 0, "uda.mic.mask_lambda", f"must be >= 0, got {m.mask_lambda}")
+    _check(m.alpha is None or 0 <= m.alpha <= 1, "uda.mic.alpha", f"must be in [0, 1] or null, got {m.alpha}")
+    _check(m.pseudo_threshold is None or 0 <= m.pseudo_threshold <= 1, "uda.mic.pseudo_threshold",
+           f"must be in [0, 1] or null, got {m.pseudo_threshold}")
+    if m.enabled:
+        _check(cfg.uda.self_training or "src" in m.mode, "uda.mic.mode",
+               f"{m.mode} masks target images with pseudo-labels, which needs uda.self_training=true; "
+               "use separatesrc(aug) for a run without self-training")
+        crops = [cfg.data.source.crop_size, cfg.data.target.crop_size]
+        _check(all(2 * min(c) > m.block_size for c in crops), "uda.mic.block_size",
+               f"{m.block_size}-px blocks do not fit the crops {crops} (round(side / block) would be 0)")
+
+
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express. Raises ``ConfigError`` naming the key."""
     _check_names(cfg)
@@ -466,6 +508,7 @@ def validate(cfg: Config) -> None:
     _check(0 <= u.dual_level.a_smooth <= 1, "uda.dual_level.a_smooth", "must be in [0, 1]")
     _check(u.dual_level.chunk_rows >= 0, "uda.dual_level.chunk_rows", "must be >= 0")
     _check(0 <= u.augment.color_jitter_prob <= 1, "uda.augment.color_jitter_prob", "must be in [0, 1]")
+    _check_mic(cfg)
     _check(all(0 <= c < cfg.model.num_classes for c in u.feature_distance.classes),
            "uda.feature_distance.classes", f"class ids must be in [0, {cfg.model.num_classes})")
     _check(cfg.model.num_classes >= 1, "model.num_classes", "must be >= 1")

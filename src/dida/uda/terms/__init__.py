@@ -57,9 +57,16 @@ def _dual_level(cfg: Config, ctx: TermBuildContext) -> Term:
     return build(cfg, ctx)
 
 
+def _mic(cfg: Config, ctx: TermBuildContext) -> Term:
+    from dida.uda.terms.mic import build
+
+    return build(cfg, ctx)
+
+
 TERMS: dict[str, TermSpec] = {
     "feature_distance": TermSpec("feature_distance", _feature_distance),
     "dual_level": TermSpec("dual_level", _dual_level),
+    "mic": TermSpec("mic", _mic),
 }
 
 
