@@ -178,6 +178,25 @@ UDA_DUAL_LEVEL = {
     # dida's choice (same values, bounded memory; docs/design.md and ../shared/hints.md).
     "uda.dual_level.chunk_rows": 64,
 }
+UDA_MIC = {
+    # Off by default; the *_mic_* presets switch it on. hrda_mic.md 4.1-4.6, the MIC(HRDA) values: mode
+    # separatetrgaug, mask_ratio 0.7, mask_block_size 64 (32 for MIC(DAFormer), set by its presets), 'same'
+    # teacher ('same'/'same' -> null/null and the confidence weight on), blur gate and sigma as the code does
+    # (Q13), mask_lambda scoping only the fused term (Q12).
+    "uda.mic.enabled": False,
+    "uda.mic.mode": "separatetrgaug",
+    "uda.mic.block_size": 64,
+    "uda.mic.ratio": 0.7,
+    # dida's choice (Q12): 1, the value of every MIC preset, instead of the base config's 0 that would drop
+    # the fused term.
+    "uda.mic.mask_lambda": 1.0,
+    "uda.mic.lambda_scope": "seg_only",
+    "uda.mic.blur_gate": "always",
+    "uda.mic.blur_sigma": "per_batch",
+    "uda.mic.alpha": None,
+    "uda.mic.pseudo_threshold": None,
+    "uda.mic.confidence_weight": True,
+}
 OPTIM = {
     # 7: "AdamW, lr 6e-5, betas (0.9, 0.999), eps 1e-8 (default), weight_decay 0.01"; "head: lr x10";
     # "norm: decay x0"; "poly(t) = b(1 - t/40000)^1.0, min_lr 0"; "t < 1500 (linear warmup, warmup_ratio
@@ -234,7 +253,7 @@ GROUPS: dict[str, dict[str, Any]] = {
     "model": MODEL, "data.source": DATA_SOURCE, "data.target": DATA_TARGET, "data.val": DATA_VAL,
     "data.rcs": DATA_RCS, "data.loader": DATA_LOADER, "uda": UDA, "uda.ema": UDA_EMA,
     "uda.feature_distance": UDA_FEATURE_DISTANCE, "uda.augment": UDA_AUGMENT, "uda.bank": UDA_BANK,
-    "uda.dual_level": UDA_DUAL_LEVEL, "optim": OPTIM, "train": TRAIN, "eval": EVAL, "run": RUN,
+    "uda.dual_level": UDA_DUAL_LEVEL, "uda.mic": UDA_MIC, "optim": OPTIM, "train": TRAIN, "eval": EVAL, "run": RUN,
 }
 ALL_DEFAULTS = {k: v for group in GROUPS.values() for k, v in group.items()}
 
