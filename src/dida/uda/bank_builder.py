@@ -99,6 +99,27 @@ def balanced_selection(available: Sequence[int], size: int, order: Sequence[int]
 
 
 @torch.no_grad()
+def _class_means(
+    model: nn.Module, img: torch.Tensor, label: np.ndarray, num_classes: int, amp: str
+) -> tuple[list[int], np.ndarray]:
+    """The classes present in ``label`` and the mean embedding ``[n, D]`` of each, for one image.
+
+    Args:
+        img: ``[1, 3, h, w]`` after the test pipeline, on the model's device.
+        label: ``[H, W]`` train ids at the original resolution.
+    """
+    with autocast(img.device, amp):
+        emb = model(img).embedding
+    # labels at the resized image's resolution (nearest, as mmseg resizes segmentation maps)
+    lab = torch.from_numpy(np.array(label, dtype=np.int64)).to(img.device)[None, None]
+    lab = torch.nn.functional.interpolate(lab.float(), size=img.shape[-2:], mode="nearest").long()[:, 0]
+    sums, counts = class_sums(emb.float(), lab, num_classes)
+    present = counts > 0
+    means = (sums[present] / counts[present, None]).cpu().numpy()
+    return torch.nonzero(present).flatten().tolist(), means  # once per image, not per pixel
+
+
+@torch.no_grad()
 def build_bank(
     model: nn.Module,
     dataset: _Dataset,
@@ -149,17 +170,9 @@ def build_bank(
         if label is None:
             raise DataError(f"image {i} of the source dataset has no label: a bank needs labelled source images.")
         img = pipeline(img_bgr).unsqueeze(0).to(device)
-        with autocast(device, amp):
-            emb = model(img).embedding
-        # labels at the resized image's resolution (nearest, as mmseg resizes segmentation maps)
-        lab = torch.from_numpy(np.array(label, dtype=np.int64)).to(device)[None, None]
-        lab = torch.nn.functional.interpolate(lab.float(), size=img.shape[-2:], mode="nearest").long()[:, 0]
-        sums, counts = class_sums(emb.float(), lab, num_classes)
-        present = counts > 0
-        means = (sums[present] / counts[present, None]).cpu().numpy()
-        classes = torch.nonzero(present).flatten().tolist()  # once per image, not per pixel
+        classes, means = _class_means(model, img, label, num_classes, amp)
         if reservoir is None:
-            reservoir = _Reservoir(num_classes, size, emb.shape[1], rng)
+            reservoir = _Reservoir(num_classes, size, means.shape[1], rng)
         for c, vec in zip(classes, means):
             reservoir.add(c, vec)
     assert reservoir is not None
