@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
+from dida.runtime import AMP_DTYPES
 
 # ----------------------------------------------------------------------------------------- machine
 
@@ -87,14 +86,6 @@ def sync(device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def autocast(device: torch.device | str, amp: str) -> contextlib.AbstractContextManager[Any]:
-    """``torch.autocast`` for ``amp`` in ``bf16``/``fp16``, a null context for ``off``."""
-    dtype = AMP_DTYPES[amp]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def time_calls(fn: Callable[[], Any], device: torch.device | str, iters: int, warmup: int = 1) -> list[float]:
@@ -164,7 +155,7 @@ def run_child(module: str, argv: Sequence[str], timeout: float | None = None) ->
     threshold is fixed at 1 MiB so that freed tensors leave the resident set.
     """
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}
-    out = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, env=env,
+    out = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, env=env, check=False,
                          timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"{module} {' '.join(argv)} failed:\n{out.stderr[-3000:]}")

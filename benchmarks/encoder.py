@@ -29,13 +29,13 @@ import torch
 
 from benchmarks._common import (
     add_common_args,
-    autocast,
     machine_description,
     median,
     print_table,
     setup_threads,
     time_interleaved,
 )
+from dida.runtime import autocast
 
 
 def build_hf(backbone: Any) -> Any:

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from dida.runtime import AMP_DTYPES
 
 
 def _write_test_png(path: Path, width: int, height: int, seed: int = 0) -> None:
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=10, help="timed images")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off")
+    parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off")
     parser.add_argument("--size", type=int, nargs=2, default=(2048, 1024), metavar=("W", "H"),
                         help="size of the generated input image")
     parser.add_argument("--img-scale", type=int, nargs=2, default=(1024, 512), metavar=("LONG", "SHORT"))
@@ -71,14 +72,17 @@ def main(argv: list[str] | None = None) -> None:
 
     import cv2
 
+    from dida.config import ModelCfg
     from dida.data.transforms import TestPipeline, load_image
-    from dida.engine.evaluate import autocast_context
-    from dida.models import build_segmentor
+    from dida.models import build_model
+    from dida.models.ops import resize
+    from dida.runtime import autocast
 
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
     device = torch.device(args.device)
-    model = build_segmentor(args.backbone, 19, generator=torch.Generator().manual_seed(0)).to(device).eval()
+    model_cfg = ModelCfg(backbone=args.backbone, num_classes=19)
+    model = build_model(model_cfg, generator=torch.Generator().manual_seed(0)).to(device).eval()
     pipeline = TestPipeline(args.img_scale)
     now = _timer(device)
     stages: dict[str, list[float]] = {"pre-processing": [], "backbone": [], "head": [], "post-processing": []}
@@ -91,13 +95,12 @@ def main(argv: list[str] | None = None) -> None:
             img_bgr = load_image(png)
             img = pipeline(img_bgr)[None].to(device, non_blocking=True)
             t1 = now()
-            with autocast_context(device, args.amp):
+            with autocast(device, args.amp):
                 feats = model.extract_features(img)
                 t2 = now()
                 _, logits = model.decode_head(feats)
                 t3 = now()
-                logits = F.interpolate(logits, size=img.shape[-2:], mode="bilinear", align_corners=False)
-                logits = F.interpolate(logits, size=img_bgr.shape[:2], mode="bilinear", align_corners=False)
+                logits = resize(resize(logits, img.shape[-2:]), img_bgr.shape[:2])
                 pred = logits.softmax(dim=1).argmax(dim=1).to(torch.uint8).cpu()
             t4 = now()
             if it >= args.warmup:

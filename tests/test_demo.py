@@ -27,7 +27,8 @@ def test_presets_load():
 
 
 def test_format_table_and_colorize():
-    from dida.engine.demo import colorize, format_table
+    from dida.engine.demo import format_table
+    from dida.visualize import colorize
 
     iou = {c: 0.5 for c in CITYSCAPES_CLASSES}
     iou["train"] = None

@@ -1,4 +1,4 @@
-"""The ``dida`` command line: argparse subcommands only; each one calls a ``main_*`` function elsewhere.
+"""The ``dida`` command line: argparse subcommands only; each one calls ``dida.commands.<name>:main``.
 
 Every user-facing error (``DidaError``) is printed as one clear message, never as a traceback.
 """
@@ -12,11 +12,16 @@ from collections.abc import Sequence
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
+    from dida.runtime import AMP_DTYPES
+
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (GPU when available)")
-    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="mixed precision")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dida.commands.bank import bank_kinds
+    from dida.data.kinds import convertible_kinds
+
     parser = argparse.ArgumentParser(
         prog="dida",
         description="Unsupervised domain-adaptive semantic segmentation: DIDA and DAFormer in plain PyTorch.",
@@ -47,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("--allow-pickle", action="store_true", help="trust the checkpoint (unsafe unpickling)")
     _add_runtime(p)
-    p.set_defaults(_entry="dida.engine.evaluate:main_test")
+    p.set_defaults(_entry="dida.commands.test:main")
 
     # ---- infer
     p = sub.add_parser("infer", help="predict on your own images (overlays + label maps)")
@@ -61,15 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recursive", action="store_true", help="also predict images in sub-folders")
     p.add_argument("--allow-pickle", action="store_true", help="trust the checkpoint (unsafe unpickling)")
     _add_runtime(p)
-    p.set_defaults(_entry="dida.engine.predict:main_infer")
+    p.set_defaults(_entry="dida.commands.infer:main")
 
     # ---- convert
     p = sub.add_parser("convert", help="label ids -> train ids and rare-class statistics")
-    p.add_argument("dataset", choices=("gta", "synthia", "cityscapes"))
+    p.add_argument("dataset", choices=convertible_kinds())
     p.add_argument("root", help="dataset root (e.g. data/gta)")
     p.add_argument("--nproc", type=int, default=4, help="parallel worker processes")
     p.add_argument("--force", action="store_true", help="re-convert files that already exist")
-    p.set_defaults(_entry="dida.data.convert:main_convert")
+    p.set_defaults(_entry="dida.commands.convert:main")
 
     # ---- bank
     p = sub.add_parser("bank", help="instance-bank tools")
@@ -77,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = bank_sub.add_parser("build", help="build a class-balanced bank from a source-trained model")
     b.add_argument("checkpoint")
     b.add_argument("--data", required=True, help="source dataset root (converted)")
-    b.add_argument("--dataset", choices=("gta", "synthia", "cityscapes"), default="gta")
+    b.add_argument("--dataset", choices=bank_kinds(), default="gta")
     b.add_argument("--size", type=int, default=300, help="number of bank entries K")
     b.add_argument("--out", required=True, help="folder for f_buffer_s.npz and l_buffer_s.npz")
     b.add_argument("--config", help="preset or YAML describing the model (default: from the checkpoint)")
@@ -88,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--allow-pickle", action="store_true")
     _add_runtime(b)
-    b.set_defaults(_entry="dida.uda.bank_builder:main_bank_build")
+    b.set_defaults(_entry="dida.commands.bank:main")
 
     # ---- synth
     p = sub.add_parser("synth", help="generate the synthetic domain-shift benchmark (GTA + Cityscapes layouts)")
@@ -99,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-val", type=int, default=50)
     p.add_argument("--size", type=int, nargs=2, default=(512, 256), metavar=("WIDTH", "HEIGHT"))
     p.add_argument("--nproc", type=int, default=2)
-    p.set_defaults(_entry="dida.data.synthetic:main_synth")
+    p.set_defaults(_entry="dida.commands.synth:main")
 
     # ---- convert-checkpoint
     p = sub.add_parser("convert-checkpoint", help="turn an mmcv DIDA/DAFormer checkpoint into a dida one")
@@ -114,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, help="override the iterations of each preset")
     p.add_argument("--quick", action="store_true", help="a tiny smoke version (for tests)")
-    p.set_defaults(_entry="dida.engine.demo:main_demo")
+    p.set_defaults(_entry="dida.commands.demo:main")
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Atomic file writes: every checkpoint, cache, converted label and report goes through these."""
+"""Atomic file writes: every checkpoint, cache, converted label, prediction PNG and report uses these."""
 
 from __future__ import annotations
 
@@ -47,3 +47,18 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
 
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
+
+
+def write_png(path: str | os.PathLike[str], array: Any) -> None:
+    """Write a uint8 ``[H, W]`` or BGR ``[H, W, 3]`` array as PNG (OpenCV), atomically.
+
+    Raises:
+        DataError: OpenCV could not write the file.
+    """
+    import cv2
+
+    from dida.errors import DataError
+
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), array):
+            raise DataError(f"{path}: could not write the PNG (disk full or no permission?).")

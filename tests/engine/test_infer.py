@@ -13,7 +13,8 @@ from PIL import Image
 
 from dida.cli import main
 from dida.constants import PALETTE
-from dida.engine.predict import colorize, list_images, overlay, palette_lut
+from dida.engine.predict import list_images
+from dida.visualize import colorize, overlay, palette_lut
 
 
 @pytest.fixture(scope="module")

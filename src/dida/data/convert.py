@@ -1,4 +1,4 @@
-"""``dida convert``: label ids -> train ids, plus the rare-class statistics files (spec 2.3).
+"""Label ids -> train ids, plus the rare-class statistics files (spec 2.3; ``dida convert``).
 
 For every source label file the converter writes ``<name>_labelTrainIds.png`` (uint8, train ids 0..18,
 everything else 255) next to it and collects the per-file pixel count of each train id. The counts are
@@ -18,7 +18,6 @@ Every output is written atomically, so an interrupted run never leaves a half-wr
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Iterable
@@ -36,11 +35,11 @@ from dida.constants import (
     NUM_CLASSES,
     SYNTHIA_ID_TO_TRAINID,
 )
-from dida.errors import DataError
+from dida.data.kinds import convertible_kinds
 from dida.data.transforms import load_label
+from dida.errors import DataError
 from dida.io import atomic_open, atomic_path
 
-KINDS = ("gta", "synthia", "cityscapes")
 STATS_FILES = ("sample_class_stats.json", "sample_class_stats_dict.json", "samples_with_class.json")
 TRAIN_ID_SUFFIX = "_labelTrainIds.png"
 CITYSCAPES_POLYGON_SUFFIX = "_gtFine_polygons.json"
@@ -285,8 +284,8 @@ def convert_dataset(
     Returns:
         ``{"files": n, "converted": written, "skipped": reused}``.
     """
-    if kind not in KINDS:
-        raise DataError(f"unknown dataset kind '{kind}'; choose one of {', '.join(KINDS)}.")
+    if kind not in convertible_kinds():
+        raise DataError(f"unknown dataset kind '{kind}'; choose one of {', '.join(convertible_kinds())}.")
     if nproc < 1:
         raise DataError(f"--nproc must be >= 1, got {nproc}.")
     root = os.fspath(root)
@@ -302,13 +301,3 @@ def convert_dataset(
             f.write("\n".join(names))
     save_class_stats(root, sample_class_stats)
     return {"files": len(tasks), "converted": written, "skipped": len(tasks) - written}
-
-
-def main_convert(args: argparse.Namespace) -> int:
-    """CLI: ``dida convert gta|synthia|cityscapes ROOT [--nproc N] [--force]``."""
-    summary = convert_dataset(args.dataset, args.root, nproc=args.nproc, force=args.force)
-    print(
-        f"{args.dataset}: {summary['files']} label files, {summary['converted']} converted, "
-        f"{summary['skipped']} already done; statistics written to {args.root}"
-    )
-    return 0

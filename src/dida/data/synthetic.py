@@ -1,4 +1,5 @@
-"""The synthetic domain-shift benchmark (`dida synth`): GTA5-like source, Cityscapes-like target.
+"""The synthetic domain-shift benchmark (``dida synth``, ``dida.commands.synth``): GTA5-like source,
+Cityscapes-like target.
 
 Both domains draw street scenes from one layout distribution (sky, buildings with walls and fences,
 vegetation, terrain, road, sidewalk, poles with traffic lights and signs, cars, trucks, buses, trains,
@@ -44,7 +45,7 @@ from PIL import Image, ImageDraw
 
 from dida.constants import CITYSCAPES_CLASSES, CITYSCAPES_ID_TO_TRAINID, IGNORE_INDEX
 from dida.errors import DataError
-from dida.io import atomic_open, atomic_path
+from dida.io import atomic_open, atomic_path, write_png
 
 #: Bump when the generator's output changes; the demo regenerates data whose manifest differs.
 GENERATOR_VERSION = 1
@@ -167,7 +168,7 @@ class Obj:
 
 
 def _poly(label_id: int, pts: Sequence[tuple[float, float]]) -> Obj:
-    return Obj(label_id, [[int(round(x)), int(round(y))] for x, y in pts])
+    return Obj(label_id, [[int(round(x)), int(round(y))] for x, y in pts])  # noqa: RUF046 (numpy floats)
 
 
 def _ellipse(cx: float, cy: float, rx: float, ry: float, n: int = 12, rng: np.random.Generator | None = None,
@@ -413,7 +414,7 @@ def _texture(tid: int, xs: np.ndarray, ys: np.ndarray, rel_x: np.ndarray, rel_y:
     ``rel_x``/``rel_y`` are positions inside the object's bounding box (0..1); ``lo``/``hi`` are
     low/high-frequency noise sampled at the pixels; ``unit`` = image width / 512 (pattern scale).
     """
-    p = lambda period: period * unit  # noqa: E731
+    p = lambda period: period * unit
     name = CITYSCAPES_CLASSES[tid]
     if name == "road":
         yh, vx = scene["horizon"], scene["vanish_x"]
@@ -541,9 +542,7 @@ def _label_palette() -> list[int]:
 
 
 def _write_png_rgb(path: Path, rgb: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-            raise DataError(f"{path}: OpenCV could not write the image; check the folder is writable.")
+    write_png(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
 
 def _write_png_pil(path: Path, img: Image.Image) -> None:
@@ -638,15 +637,3 @@ def generate(
     with atomic_open(root / MANIFEST_NAME, "w") as f:
         json.dump(asdict(params), f, indent=2)
     return root
-
-
-def main_synth(args: Any) -> int:
-    """``dida synth ROOT``: write the synthetic GTA-like source and Cityscapes-like target."""
-    width, height = (int(v) for v in args.size)
-    params = SynthParams(seed=args.seed, num_source=args.num_source, num_target_train=args.num_target_train,
-                         num_val=args.num_val, width=width, height=height)
-    root = generate(args.root, params, nproc=args.nproc)
-    print(f"dida synth: wrote {params.num_source} source, {params.num_target_train} target-train and "
-          f"{params.num_val} val images of {width}x{height} under {root}")
-    print(f"next: dida convert gta {root / 'gta'} && dida convert cityscapes {root / 'cityscapes'}")
-    return 0

@@ -1,4 +1,5 @@
-"""``dida demo``: the embedded default, end to end on the synthetic domain-shift benchmark.
+"""The embedded default, end to end on the synthetic domain-shift benchmark (``run_demo``; the ``dida demo``
+command is ``dida.commands.demo``).
 
 1. generate the data (``dida synth``; skipped when ``OUT/data`` already holds it with the same
    parameters, judged by its manifest) and convert it (``dida convert``);
@@ -25,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from dida.constants import CITYSCAPES_CLASSES, PALETTE
+from dida.constants import class_names
 from dida.data.synthetic import SynthParams, generate, read_manifest
-from dida.errors import DidaError
 from dida.io import atomic_open, atomic_path
+from dida.runtime import resolve_device
+from dida.visualize import colorize
 
 METHODS: tuple[str, ...] = ("source_only", "daformer", "dida")
 METHOD_TITLES = {"source_only": "Source only", "daformer": "DAFormer", "dida": "DIDA"}
@@ -141,7 +143,7 @@ def _val_dataset(cfg: Any) -> Any:
 
 def _evaluate_run(cfg: Any, run_dir: Path) -> dict[str, Any]:
     """Evaluate the final student when the engine wrote no final record (``train.eval_interval=0``)."""
-    from dida.engine.evaluate import evaluate, resolve_device
+    from dida.engine.evaluate import evaluate
 
     device = resolve_device(cfg.run.device)
     model = _load_student(cfg, run_dir, device)
@@ -149,17 +151,10 @@ def _evaluate_run(cfg: Any, run_dir: Path) -> dict[str, Any]:
                        crop_size=tuple(cfg.eval.crop_size), stride=tuple(cfg.eval.stride), progress=False)
     iou = [None if math.isnan(float(x)) else float(x) for x in np.asarray(metrics["IoU"], dtype=float)]
     return {"iter": cfg.train.max_iters, "mIoU": float(metrics["mIoU"]), "aAcc": float(metrics["aAcc"]),
-            "IoU": dict(zip(CITYSCAPES_CLASSES, iou))}
+            "IoU": dict(zip(class_names(cfg.model.num_classes), iou))}
 
 
 # ------------------------------------------------------------------------------------- figures
-
-
-def colorize(label: np.ndarray) -> np.ndarray:
-    """[H, W] train ids (255 = ignore) -> [H, W, 3] uint8 RGB in the Cityscapes palette (ignore black)."""
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    lut[: len(PALETTE)] = np.asarray(PALETTE, dtype=np.uint8)
-    return lut[label]
 
 
 def predict_examples(cfgs: dict[str, Any], run_dirs: dict[str, Path], num: int) -> dict[str, Any]:
@@ -167,7 +162,6 @@ def predict_examples(cfgs: dict[str, Any], run_dirs: dict[str, Path], num: int) 
     import cv2
     import torch
 
-    from dida.engine.evaluate import resolve_device
     from dida.models import inference
 
     first = next(iter(cfgs.values()))
@@ -226,19 +220,20 @@ def plot_iou(results: dict[str, Any], path: Path) -> Path:
     from matplotlib.figure import Figure
 
     methods = list(results)
-    n = len(CITYSCAPES_CLASSES)
+    names = _class_names(results)
+    n = len(names)
     width = 0.8 / max(1, len(methods))
     fig = Figure(figsize=(14, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(n)
     for k, m in enumerate(methods):
-        vals = [results[m]["IoU"].get(c) for c in CITYSCAPES_CLASSES]
+        vals = [results[m]["IoU"].get(c) for c in names]
         vals = [0.0 if v is None else 100.0 * v for v in vals]
         ax.bar(x + (k - (len(methods) - 1) / 2) * width, vals, width,
                label=f"{METHOD_TITLES.get(m, m)} (mIoU {100 * results[m]['mIoU']:.1f})")
     ax.set_xticks(x)
-    ax.set_xticklabels(CITYSCAPES_CLASSES, rotation=45, ha="right", fontsize=8)
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("IoU on target val (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8, loc="upper right")
@@ -251,6 +246,11 @@ def plot_iou(results: dict[str, Any], path: Path) -> Path:
 # -------------------------------------------------------------------------------------- report
 
 
+def _class_names(results: dict[str, Any]) -> list[str]:
+    """The classes of the per-class IoU records, in their order (the first method's)."""
+    return list(next(iter(results.values()))["IoU"])
+
+
 def _pct(v: float | None) -> str:
     return "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:5.1f}"
 
@@ -261,7 +261,7 @@ def format_table(results: dict[str, Any]) -> str:
     head = "| class | " + " | ".join(METHOD_TITLES.get(m, m) for m in methods) + " |"
     sep = "|---|" + "---:|" * len(methods)
     rows = [f"| {c} | " + " | ".join(_pct(results[m]["IoU"].get(c)) for m in methods) + " |"
-            for c in CITYSCAPES_CLASSES]
+            for c in _class_names(results)]
     means = " | ".join(f"**{_pct(results[m]['mIoU']).strip()}**" for m in methods)
     rows.append(f"| **mIoU** | {means} |")
     return "\n".join([head, sep, *rows])
@@ -276,10 +276,10 @@ def write_report(out: Path, results: dict[str, Any], info: dict[str, Any]) -> Pa
     lines = [
         "# dida demo: synthetic GTA-like -> Cityscapes-like adaptation",
         "",
-        f"Data: `{info['data_root']}` ({data['num_source']} source, {data['num_target_train']} "
-        f"target-train, {data['num_val']} target-val images of {data['width']}x"
-        f"{data['height']}; generator seed {data['seed']}). Training seed {info['seed']}, "
-        f"{info['iters']} iterations per method{' (quick smoke run)' if info['quick'] else ''}.",
+        (f"Data: `{info['data_root']}` ({data['num_source']} source, {data['num_target_train']} "
+         f"target-train, {data['num_val']} target-val images of {data['width']}x"
+         f"{data['height']}; generator seed {data['seed']}). Training seed {info['seed']}, "
+         f"{info['iters']} iterations per method{' (quick smoke run)' if info['quick'] else ''}."),
         "",
         "IoU (%) on the target validation split (student model, whole-image inference):",
         "",
@@ -293,8 +293,8 @@ def write_report(out: Path, results: dict[str, Any], info: dict[str, Any]) -> Pa
         "",
         "![predictions](predictions.png)",
         "",
-        "Columns: target image, ground truth, then each method's prediction "
-        "(Cityscapes palette; black = ignored).",
+        ("Columns: target image, ground truth, then each method's prediction "
+         "(Cityscapes palette; black = ignored)."),
         "",
         "![per-class IoU](iou.png)",
         "",
@@ -305,15 +305,16 @@ def write_report(out: Path, results: dict[str, Any], info: dict[str, Any]) -> Pa
     return path
 
 
-def main_demo(args: Any) -> int:
-    """``dida demo [--out DIR] [--seed N] [--iters N] [--quick]``."""
+def run_demo(out: Path, *, seed: int = 0, iters: int | None = None, quick: bool = False) -> Path:
+    """Data, three trainings, evaluation, figures and report under ``out``; returns the report's path.
+
+    Args:
+        out: output folder (``out/data``, one run directory per method, the report files).
+        seed: training seed of every method.
+        iters: iterations per method (default: each preset's).
+        quick: the tiny smoke version (tiny images, a handful of iterations).
+    """
     t_start = time.perf_counter()
-    out = Path(args.out)
-    quick = bool(getattr(args, "quick", False))
-    seed = int(getattr(args, "seed", 0))
-    iters = getattr(args, "iters", None)
-    if iters is not None and iters < 1:
-        raise DidaError(f"--iters must be at least 1, got {iters}.")
     params = QUICK_DATA if quick else FULL_DATA
     nproc = max(1, min(2, os.cpu_count() or 1))
     data_root = out / "data"
@@ -349,7 +350,7 @@ def main_demo(args: Any) -> int:
     print()
     print(f"dida demo: done in {info['total_seconds']:.0f} s. Report: {report} "
           f"(figures {out / 'predictions.png'}, {out / 'iou.png'}; numbers {out / 'results.json'}).")
-    return 0
+    return report
 
 
-__all__ = ["main_demo", "ensure_data", "method_config", "train_or_reuse", "format_table", "colorize"]
+__all__ = ["ensure_data", "format_table", "method_config", "run_demo", "train_or_reuse"]

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
+from dida.runtime import resolve_device
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -29,18 +31,16 @@ def is_main() -> bool:
 def init_from_env(device_pref: str = "auto") -> torch.device:
     """Initialise the process group when launched by torchrun (``WORLD_SIZE`` > 1); pick the device.
 
-    NCCL on CUDA, gloo on CPU. Returns the device this rank uses.
+    ``device_pref`` is resolved by ``dida.runtime.resolve_device``; a CUDA device without an index is
+    this rank's ``LOCAL_RANK`` GPU. NCCL on CUDA, gloo on CPU. Returns the device this rank uses.
     """
     ws = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda") or device_pref.startswith("cuda:")
-    if device_pref == "cpu":
-        use_cuda = False
-    if use_cuda:
-        device = torch.device(device_pref) if device_pref.startswith("cuda:") else torch.device("cuda", local_rank)
+    device = resolve_device(device_pref)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if ws > 1 and not is_distributed():
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",

@@ -1,4 +1,6 @@
-"""Semantic-segmentation metrics (mmseg 0.16 semantics), the evaluation loop, and ``dida test``.
+"""Semantic-segmentation metrics (mmseg 0.16 semantics), the evaluation loop and prediction export.
+
+The ``dida test`` command that drives them is ``dida.commands.test``.
 
 Metric definition (spec 8, ``mmseg.core.evaluation.eval_metrics``): for every image the pixels whose
 ground truth equals ``ignore_index`` are dropped; intersection, prediction and label areas are counted
@@ -18,12 +20,10 @@ the predicted area of its class, but to no label area).
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,28 +31,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dida.constants import (
-    CITYSCAPES_CLASSES,
-    IGNORE_INDEX,
-    NUM_CLASSES,
-    SYNTHIA_13_CLASSES,
-    SYNTHIA_16_CLASSES,
-)
-from dida.errors import CheckpointError, ConfigError, DataError
+from dida.constants import IGNORE_INDEX, NUM_CLASSES, SYNTHIA_13_CLASSES, SYNTHIA_16_CLASSES
+from dida.errors import DataError
+from dida.io import write_png
+from dida.runtime import autocast
+from dida.visualize import palette_lut
 
 if TYPE_CHECKING:
-    import argparse
-
     from torch import nn
 
 __all__ = [
     "MetricAccumulator",
-    "autocast_context",
-    "class_names",
+    "PredictionWriter",
     "evaluate",
-    "main_test",
-    "resolve_device",
     "segmentation_metrics",
+    "trainid_to_labelid_lut",
 ]
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -69,13 +62,6 @@ def _as_tensor(x: Any) -> torch.Tensor:
         # Labels decoded by PIL are read-only views; torch wants writable memory.
         return torch.from_numpy(x if x.flags.writeable else x.copy())
     return torch.as_tensor(x)
-
-
-def class_names(num_classes: int) -> list[str]:
-    """Cityscapes names for the 19-class setting, ``class_<i>`` otherwise."""
-    if num_classes == NUM_CLASSES:
-        return list(CITYSCAPES_CLASSES)
-    return [f"class_{i}" for i in range(num_classes)]
 
 
 class MetricAccumulator:
@@ -222,33 +208,6 @@ def segmentation_metrics(
 # ------------------------------------------------------------------------------------ evaluation
 
 
-def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is checked and returned."""
-    if name is None or str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(
-            f"--device '{name}': not a device name ({e}). Use cpu, cuda, cuda:N or auto."
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine. Use --device cpu.")
-    return device
-
-
-def autocast_context(device: torch.device, amp: str = "off") -> Any:
-    """``torch.autocast`` for ``amp`` in {"bf16", "fp16"} on ``device``; a null context for "off"."""
-    import contextlib
-
-    if amp == "off":
-        return contextlib.nullcontext()
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if amp not in dtypes:
-        raise ConfigError(f"amp must be one of off, bf16, fp16; got '{amp}'.")
-    return torch.autocast(device_type=device.type, dtype=dtypes[amp])
-
-
 def _collate_item(item: dict[str, Any]) -> dict[str, Any]:
     """DataLoader ``collate_fn`` for ``batch_size=None``: arrays -> tensors, everything else as is."""
     if item.get("label") is None:
@@ -302,56 +261,22 @@ def evaluate(
     Returns:
         ``MetricAccumulator.compute()`` plus ``seconds`` and ``images_per_s``.
     """
-    import torch.distributed as dist
-    from torch.utils.data import DataLoader, Subset
-
-    from dida.models import inference
-
     device = torch.device(device)
     n_classes = int(num_classes if num_classes is not None else model.num_classes)
     total = len(dataset) if max_images is None else min(len(dataset), max_images)
     if total == 0:
         raise DataError("the validation set is empty: nothing to evaluate.")
-    rank, world = 0, 1
-    sharded = distributed and dist.is_available() and dist.is_initialized()
-    if sharded:
-        rank, world = dist.get_rank(), dist.get_world_size()
-    indices = list(range(rank, total, world))
-    loader = DataLoader(
-        Subset(dataset, indices),
-        batch_size=None,
-        collate_fn=_collate_item,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )
+    indices, rank, sharded = _shard(total, distributed)
+    loader = _loader(dataset, indices, device, num_workers)
     acc = MetricAccumulator(n_classes, ignore_index, device=device)
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(indices), unit="img", desc="eval", dynamic_ncols=True, file=sys.stderr)
-    was_training = model.training
-    model.eval()
+    bar = _progress_bar(len(indices)) if progress and rank == 0 else None
     start = time.perf_counter()
     try:
-        with torch.no_grad():
-            for index, item in zip(indices, loader):
-                img, label = _item_to_device(item, device)
-                with autocast_context(device, amp):
-                    probs = inference(
-                        model, img[None], mode=mode, crop_size=crop_size, stride=stride,
-                        out_size=tuple(label.shape[-2:]),
-                    )
-                pred = probs.argmax(dim=1)[0]
-                acc.update(pred, label)
-                if on_prediction is not None:
-                    on_prediction(index, item, pred)
-                if bar is not None:
-                    bar.update(1)
+        _predict_into(acc, model, zip(indices, loader), device=device, amp=amp, on_prediction=on_prediction,
+                      bar=bar, mode=mode, crop_size=crop_size, stride=stride)
         if sharded:
             acc.all_reduce()
     finally:
-        model.train(was_training)
         if bar is not None:
             bar.close()
     if device.type == "cuda":
@@ -369,6 +294,61 @@ def evaluate(
     return result
 
 
+def _shard(total: int, distributed: bool) -> tuple[list[int], int, bool]:
+    """This process's image indices (every world_size-th one when sharded), its rank, whether sharded."""
+    import torch.distributed as dist
+
+    sharded = distributed and dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+    return list(range(rank, total, world)), rank, sharded
+
+
+def _loader(dataset: Any, indices: list[int], device: torch.device, num_workers: int) -> Any:
+    """One item at a time (``batch_size=None``), decoded by ``num_workers`` worker processes."""
+    from torch.utils.data import DataLoader, Subset
+
+    return DataLoader(Subset(dataset, indices), batch_size=None, collate_fn=_collate_item,
+                      num_workers=num_workers, pin_memory=device.type == "cuda")
+
+
+def _progress_bar(total: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="eval", dynamic_ncols=True, file=sys.stderr)
+
+
+def _predict_into(
+    acc: MetricAccumulator,
+    model: nn.Module,
+    items: Iterable[tuple[int, dict[str, Any]]],
+    *,
+    device: torch.device,
+    amp: str,
+    on_prediction: Callable[[int, dict[str, Any], torch.Tensor], None] | None,
+    bar: Any,
+    **inference_kwargs: Any,
+) -> None:
+    """Predict every ``(index, item)`` in eval mode (the model's mode is restored) and count it in ``acc``."""
+    from dida.models import inference
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for index, item in items:
+                img, label = _item_to_device(item, device)
+                with autocast(device, amp):
+                    probs = inference(model, img[None], out_size=tuple(label.shape[-2:]), **inference_kwargs)
+                pred = probs.argmax(dim=1)[0]
+                acc.update(pred, label)
+                if on_prediction is not None:
+                    on_prediction(index, item, pred)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        model.train(was_training)
+
+
 # ------------------------------------------------------------------------------- prediction export
 
 
@@ -380,17 +360,6 @@ def trainid_to_labelid_lut() -> np.ndarray:
     for label_id, train_id in CITYSCAPES_ID_TO_TRAINID.items():
         lut[train_id] = label_id
     return lut
-
-
-def write_png(path: str | Path, array: np.ndarray) -> None:
-    """Write a uint8 ``[H, W]`` or BGR ``[H, W, 3]`` array as PNG, atomically."""
-    import cv2
-
-    from dida.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), array):
-            raise DataError(f"{path}: could not write the PNG (disk full or no permission?).")
 
 
 def _prediction_stem(filename: str, img_root: Path | None, img_suffix: str) -> Path:
@@ -425,8 +394,6 @@ class PredictionWriter:
         self, out_dir: str | Path, formats: Sequence[str], img_root: Path | None, img_suffix: str,
         num_classes: int,
     ) -> None:
-        from dida.engine.predict import palette_lut
-
         self.out_dir = Path(out_dir)
         self.formats = set(formats)
         self.img_root = img_root
@@ -460,151 +427,3 @@ class PredictionWriter:
         finally:
             self._pending.clear()
             self._pool.shutdown(wait=True)
-
-
-# ------------------------------------------------------------------------------------------ CLI
-
-
-def _json_value(x: Any) -> Any:
-    if isinstance(x, np.ndarray):
-        return [_json_value(v) for v in x.tolist()]
-    if isinstance(x, (float, np.floating)):
-        return None if math.isnan(float(x)) else float(x)
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    return x
-
-
-def metrics_to_json(metrics: dict[str, Any], num_classes: int, synthia: bool) -> dict[str, Any]:
-    """JSON-ready summary (fractions in [0, 1]; NaN -> null)."""
-    names = class_names(num_classes)
-    out: dict[str, Any] = {
-        "aAcc": _json_value(metrics["aAcc"]),
-        "mIoU": _json_value(metrics["mIoU"]),
-        "mAcc": _json_value(metrics["mAcc"]),
-    }
-    if synthia:
-        out["mIoU16"] = _json_value(metrics["mIoU16"])
-        out["mIoU13"] = _json_value(metrics["mIoU13"])
-    out["per_class"] = {
-        name: {"IoU": _json_value(metrics["IoU"][i]), "Acc": _json_value(metrics["Acc"][i])}
-        for i, name in enumerate(names)
-    }
-    for key in ("num_images", "num_pixels", "seconds", "images_per_s"):
-        if key in metrics:
-            out[key] = _json_value(metrics[key])
-    return out
-
-
-def _image_root(dataset: Any) -> Path | None:
-    """The folder the images of a dataset live under (for mirroring sub-folders in outputs)."""
-    for attr in ("img_dir", "image_dir", "img_root"):
-        value = getattr(dataset, attr, None)
-        if value:
-            return Path(value)
-    samples = getattr(dataset, "samples", None)
-    if samples:
-        import os
-
-        return Path(os.path.commonpath([str(Path(s[0]).parent) for s in samples]))
-    return None
-
-
-def _check_class_count(ckpt_path: str, ckpt: dict[str, Any], cfg_classes: int, kind: str) -> None:
-    from dida.checkpoint import model_cfg_from_checkpoint
-
-    model_cfg = model_cfg_from_checkpoint(ckpt)
-    if model_cfg is not None and model_cfg.num_classes != cfg_classes:
-        raise CheckpointError(
-            f"{ckpt_path}: the checkpoint predicts {model_cfg.num_classes} classes but the config says "
-            f"model.num_classes={cfg_classes}. Use the config the checkpoint was trained with "
-            f"(its run directory) or override model.num_classes={model_cfg.num_classes}."
-        )
-    if kind in ("cityscapes", "gta", "synthia") and cfg_classes != NUM_CLASSES:
-        raise ConfigError(
-            f"{ckpt_path}: a {cfg_classes}-class model cannot be evaluated on the {kind} dataset, which "
-            f"has {NUM_CLASSES} train ids. Use a {NUM_CLASSES}-class checkpoint or a 'folder' dataset."
-        )
-
-
-def main_test(args: argparse.Namespace) -> int:
-    """``dida test CONFIG_OR_RUN_DIR CHECKPOINT``: mIoU table, ``metrics.json`` and ``iou.png``."""
-    from dida.checkpoint import load_checkpoint, read_checkpoint
-    from dida.config import load_config, to_yaml
-    from dida.data import build_dataset
-    from dida.data.uda import ValDataset
-    from dida.engine.report import format_metrics_table, plot_class_iou
-    from dida.io import atomic_open
-    from dida.models import build_model
-
-    cfg = load_config(args.config, list(args.overrides or ()))
-    if args.data_root:
-        cfg.data.val.root = args.data_root
-    if args.mode:
-        cfg.eval.mode = args.mode
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit must be >= 1, got {args.limit}.")
-    device = resolve_device(args.device)
-
-    ckpt_path = str(args.checkpoint)
-    if not Path(ckpt_path).is_file():
-        raise CheckpointError(f"{ckpt_path}: no such checkpoint file.")
-    ckpt = read_checkpoint(ckpt_path, allow_pickle=args.allow_pickle)
-    _check_class_count(ckpt_path, ckpt, cfg.model.num_classes, cfg.data.val.kind)
-
-    dataset = build_dataset(cfg.data.val, cfg.model.num_classes)
-    if len(dataset) == 0:
-        raise DataError(
-            f"{cfg.data.val.root}: the '{cfg.data.val.split}' split of this {cfg.data.val.kind} dataset "
-            "has no images. Check data.val.root / data.val.split (or --data-root)."
-        )
-    val = ValDataset(dataset, img_scale=tuple(cfg.data.val.img_scale))
-
-    model = build_model(cfg.model)
-    load_checkpoint(model, ckpt, which=args.which, allow_pickle=args.allow_pickle)
-    model.to(device)
-
-    out_dir = Path(args.out) if args.out else Path(ckpt_path).resolve().parent / "test"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    writer = None
-    if args.save_preds:
-        formats = ("color", "trainid", "cityscapes") if args.format == "all" else (args.format,)
-        writer = PredictionWriter(out_dir / "preds", formats, _image_root(dataset),
-                                  str(getattr(dataset, "img_suffix", "")), cfg.model.num_classes)
-    workers = min(cfg.data.num_workers, len(val))
-    try:
-        metrics = evaluate(
-            model, val, device=device, mode=cfg.eval.mode, crop_size=cfg.eval.crop_size,
-            stride=cfg.eval.stride, amp=args.amp, num_classes=cfg.model.num_classes,
-            max_images=args.limit, on_prediction=writer, num_workers=workers,
-        )
-    finally:
-        if writer is not None:
-            writer.close()
-
-    synthia = cfg.data.source.kind == "synthia"
-    names = class_names(cfg.model.num_classes)
-    print(format_metrics_table(metrics, names, synthia=synthia))
-    summary = metrics_to_json(metrics, cfg.model.num_classes, synthia)
-    summary.update(
-        checkpoint=str(Path(ckpt_path).resolve()), which=args.which, mode=cfg.eval.mode,
-        dataset={"kind": cfg.data.val.kind, "root": cfg.data.val.root, "split": cfg.data.val.split,
-                 "img_scale": list(cfg.data.val.img_scale)},
-        device=str(device), amp=args.amp,
-    )
-    with atomic_open(out_dir / "metrics.json", "w") as f:
-        json.dump(summary, f, indent=2)
-    with atomic_open(out_dir / "config.yaml", "w") as f:
-        f.write(to_yaml(cfg))
-    written = [out_dir / "metrics.json"]
-    try:
-        plot_class_iou(metrics["IoU"], names, out_dir / "iou.png",
-                       title=f"{Path(ckpt_path).name} ({args.which}), {metrics['num_images']} "
-                             f"{cfg.data.val.kind} {cfg.data.val.split} images")
-        written.append(out_dir / "iou.png")
-    except ImportError:
-        print("matplotlib is not installed (pip install 'dida[viz]'): iou.png skipped.", file=sys.stderr)
-    if writer is not None:
-        written.append(out_dir / "preds")
-    print("wrote " + ", ".join(str(p) for p in written))
-    return 0

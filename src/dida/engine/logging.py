@@ -30,14 +30,14 @@ class MetricWriter:
         self.stream = stream or sys.stdout
         self._t0 = time.perf_counter()
         self._it0 = start_iter
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1) if enabled else None
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1) if enabled else None  # noqa: SIM115
         self._tb = None
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(run_dir / "tb"))
-            except Exception:  # tensorboard not installed: the jsonl file is the record
+            except Exception:  # noqa: BLE001 (tensorboard missing or broken: the jsonl file is the record)
                 self._tb = None
 
     def log(self, it: int, values: dict[str, float]) -> None:
@@ -99,11 +99,11 @@ class DebugVisualizer:
         import cv2
         import torch
 
-        from dida.constants import IMG_MEAN, IMG_STD, PALETTE
+        from dida.constants import IMG_MEAN, IMG_STD
         from dida.io import atomic_path
+        from dida.visualize import palette_lut
 
-        palette = np.zeros((256, 3), np.uint8)
-        palette[: len(PALETTE)] = np.asarray(PALETTE, np.uint8)
+        palette = palette_lut()
         rows: list[np.ndarray] = []
         names = list(debug)
         batch = next(iter(debug.values())).shape[0]

@@ -1,4 +1,5 @@
-"""Build a class-balanced instance bank from a source-trained model (``dida bank build``).
+"""Build a class-balanced instance bank from a source-trained model (``dida bank build``, whose command is
+``dida.commands.bank``).
 
 The shipped DIDA banks are non-negative per-image class means of the decoder embedding, class
 balanced, with labels in repeating runs of the rare-class order (spec 6.2); which model produced them
@@ -18,22 +19,21 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from dida.constants import CITYSCAPES_CLASSES, RARE_CLASS_ORDER
-from dida.errors import CheckpointError, DataError
+from dida.constants import RARE_CLASS_ORDER, class_names
+from dida.errors import DataError
+from dida.runtime import autocast
 from dida.uda.instance_bank import InstanceBank, class_sums
+
+__all__ = ["FEATURES_FILE", "LABELS_FILE", "balanced_selection", "build_bank", "class_order", "format_histogram"]
 
 FEATURES_FILE = "f_buffer_s.npz"
 LABELS_FILE = "l_buffer_s.npz"
-
-# The source pipelines' resize scales (spec 2.5); the test pipeline keeps the aspect ratio.
-DEFAULT_IMG_SCALE = {"gta": (1280, 720), "synthia": (1280, 760), "cityscapes": (1024, 512)}
 
 
 class _Dataset(Protocol):
@@ -99,6 +99,27 @@ def balanced_selection(available: Sequence[int], size: int, order: Sequence[int]
 
 
 @torch.no_grad()
+def _class_means(
+    model: nn.Module, img: torch.Tensor, label: np.ndarray, num_classes: int, amp: str
+) -> tuple[list[int], np.ndarray]:
+    """The classes present in ``label`` and the mean embedding ``[n, D]`` of each, for one image.
+
+    Args:
+        img: ``[1, 3, h, w]`` after the test pipeline, on the model's device.
+        label: ``[H, W]`` train ids at the original resolution.
+    """
+    with autocast(img.device, amp):
+        emb = model(img).embedding
+    # labels at the resized image's resolution (nearest, as mmseg resizes segmentation maps)
+    lab = torch.from_numpy(np.array(label, dtype=np.int64)).to(img.device)[None, None]
+    lab = torch.nn.functional.interpolate(lab.float(), size=img.shape[-2:], mode="nearest").long()[:, 0]
+    sums, counts = class_sums(emb.float(), lab, num_classes)
+    present = counts > 0
+    means = (sums[present] / counts[present, None]).cpu().numpy()
+    return torch.nonzero(present).flatten().tolist(), means  # once per image, not per pixel
+
+
+@torch.no_grad()
 def build_bank(
     model: nn.Module,
     dataset: _Dataset,
@@ -143,24 +164,15 @@ def build_bank(
     indices = rng.permutation(n)[: max_images if max_images else n]
     pipeline = TestPipeline(img_scale)
     model = model.to(device).eval()
-    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     reservoir: _Reservoir | None = None
     for i in tqdm(indices.tolist(), desc="bank build", unit="img", disable=not progress, file=sys.stderr):
         img_bgr, label = dataset.load(i)
         if label is None:
             raise DataError(f"image {i} of the source dataset has no label: a bank needs labelled source images.")
         img = pipeline(img_bgr).unsqueeze(0).to(device)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            emb = model(img).embedding
-        # labels at the resized image's resolution (nearest, as mmseg resizes segmentation maps)
-        lab = torch.from_numpy(np.array(label, dtype=np.int64)).to(device)[None, None]
-        lab = torch.nn.functional.interpolate(lab.float(), size=img.shape[-2:], mode="nearest").long()[:, 0]
-        sums, counts = class_sums(emb.float(), lab, num_classes)
-        present = counts > 0
-        means = (sums[present] / counts[present, None]).cpu().numpy()
-        classes = torch.nonzero(present).flatten().tolist()  # once per image, not per pixel
+        classes, means = _class_means(model, img, label, num_classes, amp)
         if reservoir is None:
-            reservoir = _Reservoir(num_classes, size, emb.shape[1], rng)
+            reservoir = _Reservoir(num_classes, size, means.shape[1], rng)
         for c, vec in zip(classes, means):
             reservoir.add(c, vec)
     assert reservoir is not None
@@ -182,73 +194,7 @@ def build_bank(
 
 
 def format_histogram(bank: InstanceBank, num_classes: int) -> str:
-    """One line per class: train id, name (Cityscapes names when C == 19), count."""
+    """One line per class: train id, name (``dida.constants.class_names``), count."""
     counts = bank.counts_per_class(num_classes).tolist()
-    names = CITYSCAPES_CLASSES if num_classes == len(CITYSCAPES_CLASSES) else [str(c) for c in range(num_classes)]
+    names = class_names(num_classes)
     return "\n".join(f"  {c:>3} {names[c]:<14} {n}" for c, n in enumerate(counts))
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _load_model(args: Any) -> nn.Module:
-    from dida.checkpoint import load_checkpoint, model_cfg_from_checkpoint, read_checkpoint
-    from dida.models import build_model
-
-    ckpt = read_checkpoint(args.checkpoint, allow_pickle=bool(getattr(args, "allow_pickle", False)))
-    if getattr(args, "config", None):
-        from dida.config import load_config
-
-        model_cfg = load_config(args.config).model
-    else:
-        model_cfg = model_cfg_from_checkpoint(ckpt)
-        if model_cfg is None:
-            raise CheckpointError(
-                f"{args.checkpoint}: cannot tell which model this checkpoint holds. Pass --config with the "
-                "preset or YAML it was trained with."
-            )
-    model = build_model(model_cfg)
-    load_checkpoint(model, ckpt, which=getattr(args, "which", "model"))
-    return model
-
-
-def _build_dataset(kind: str, root: str, num_classes: int) -> _Dataset:
-    from dida.data import CityscapesDataset, GTADataset, SynthiaDataset
-
-    if kind == "gta":
-        return GTADataset(root, num_classes=num_classes)
-    if kind == "synthia":
-        return SynthiaDataset(root, num_classes=num_classes)
-    if kind == "cityscapes":
-        return CityscapesDataset(root, "train", num_classes=num_classes)
-    raise DataError(f"unknown dataset kind {kind!r}; use gta, synthia or cityscapes.")
-
-
-def main_bank_build(args: Any) -> int:
-    """``dida bank build CHECKPOINT --data ROOT --out DIR``: write ``f_buffer_s.npz`` / ``l_buffer_s.npz``."""
-    if args.size < 1:
-        raise DataError(f"--size must be >= 1, got {args.size}.")
-    model = _load_model(args)
-    num_classes = int(model.num_classes)
-    dataset = _build_dataset(args.dataset, args.data, num_classes)
-    device = _resolve_device(getattr(args, "device", "auto"))
-    bank = build_bank(
-        model,
-        dataset,
-        args.size,
-        num_classes,
-        device=device,
-        seed=getattr(args, "seed", 0),
-        max_images=getattr(args, "max_images", None),
-        img_scale=tuple(getattr(args, "img_scale", None) or DEFAULT_IMG_SCALE[args.dataset]),
-        amp=getattr(args, "amp", "off"),
-    )
-    out = Path(args.out)
-    bank.save_npz(out / FEATURES_FILE, out / LABELS_FILE)
-    print(f"wrote {out / FEATURES_FILE} ({bank.num_entries} x {bank.dim} float32) and {out / LABELS_FILE}")
-    print("entries per class:")
-    print(format_histogram(bank, num_classes))
-    return 0

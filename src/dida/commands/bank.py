@@ -1,0 +1,81 @@
+"""``dida bank build CHECKPOINT --data ROOT --out DIR``: a class-balanced instance bank from a source model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from dida.data.kinds import DATASET_KINDS
+from dida.errors import CheckpointError, DataError
+from dida.runtime import resolve_device
+from dida.uda.bank_builder import FEATURES_FILE, LABELS_FILE, build_bank, format_histogram
+
+__all__ = ["bank_kinds", "main"]
+
+
+def bank_kinds() -> list[str]:
+    """Dataset kinds a bank can be built from: those with a source pipeline scale in ``DATASET_KINDS``."""
+    return [name for name, kind in DATASET_KINDS.items() if kind.source_scale is not None]
+
+
+def _load_model(args: Any) -> nn.Module:
+    """The model of ``--config`` (or the one the checkpoint describes) with the checkpoint's weights."""
+    from dida.checkpoint import load_checkpoint, model_cfg_from_checkpoint, read_checkpoint
+    from dida.models import build_model
+
+    ckpt = read_checkpoint(args.checkpoint, allow_pickle=bool(getattr(args, "allow_pickle", False)))
+    if getattr(args, "config", None):
+        from dida.config import load_config
+
+        model_cfg = load_config(args.config).model
+    else:
+        model_cfg = model_cfg_from_checkpoint(ckpt)
+        if model_cfg is None:
+            raise CheckpointError(
+                f"{args.checkpoint}: cannot tell which model this checkpoint holds. Pass --config with the "
+                "preset or YAML it was trained with."
+            )
+    model = build_model(model_cfg)
+    load_checkpoint(model, ckpt, which=getattr(args, "which", "model"))
+    return model
+
+
+def _build_dataset(kind: str, root: str, num_classes: int) -> Any:
+    """The training split of the source dataset at ``root`` (``dida.data.build_dataset``)."""
+    from dida.config import DatasetCfg
+    from dida.data import build_dataset
+
+    if kind not in bank_kinds():
+        raise DataError(f"unknown dataset kind {kind!r}; use {', '.join(bank_kinds())}.")
+    return build_dataset(DatasetCfg(kind=kind, root=root, split="train"), num_classes)
+
+
+def main(args: argparse.Namespace) -> int:
+    """``dida bank build CHECKPOINT --data ROOT --out DIR``: write ``f_buffer_s.npz`` / ``l_buffer_s.npz``."""
+    if args.size < 1:
+        raise DataError(f"--size must be >= 1, got {args.size}.")
+    model = _load_model(args)
+    num_classes = int(model.num_classes)
+    dataset = _build_dataset(args.dataset, args.data, num_classes)
+    device = resolve_device(getattr(args, "device", "auto"))
+    img_scale = getattr(args, "img_scale", None) or DATASET_KINDS[args.dataset].source_scale
+    bank = build_bank(
+        model,
+        dataset,
+        args.size,
+        num_classes,
+        device=device,
+        seed=getattr(args, "seed", 0),
+        max_images=getattr(args, "max_images", None),
+        img_scale=tuple(img_scale),
+        amp=getattr(args, "amp", "off"),
+    )
+    out = Path(args.out)
+    bank.save_npz(out / FEATURES_FILE, out / LABELS_FILE)
+    print(f"wrote {out / FEATURES_FILE} ({bank.num_entries} x {bank.dim} float32) and {out / LABELS_FILE}")
+    print("entries per class:")
+    print(format_histogram(bank, num_classes))
+    return 0

@@ -1,0 +1,103 @@
+"""``dida infer CHECKPOINT IMAGE_OR_DIR``: palette overlays and train-id maps of your own images."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dida.engine.predict import IMAGE_SUFFIXES, list_images, predict_image
+from dida.errors import CheckpointError, ConfigError, DataError, DidaError
+from dida.io import write_png
+from dida.runtime import resolve_device
+from dida.visualize import overlay
+
+__all__ = ["main"]
+
+
+def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, str]:
+    """Build the model described by ``--config`` or by the checkpoint, and load its weights."""
+    from dida.checkpoint import load_checkpoint, model_cfg_from_checkpoint, read_checkpoint
+    from dida.config import ModelCfg, load_config
+    from dida.models import build_model
+
+    ckpt_path = str(args.checkpoint)
+    if not Path(ckpt_path).is_file():
+        raise CheckpointError(f"{ckpt_path}: no such checkpoint file.")
+    ckpt = read_checkpoint(ckpt_path, allow_pickle=args.allow_pickle)
+    ckpt_cfg = model_cfg_from_checkpoint(ckpt)
+    if args.config:
+        model_cfg = load_config(args.config).model
+        if ckpt_cfg is not None and ckpt_cfg.num_classes != model_cfg.num_classes:
+            raise CheckpointError(
+                f"{ckpt_path}: the checkpoint predicts {ckpt_cfg.num_classes} classes but {args.config} "
+                f"says model.num_classes={model_cfg.num_classes}."
+            )
+        source = str(args.config)
+    elif ckpt_cfg is not None:
+        model_cfg, source = ckpt_cfg, "the checkpoint"
+    else:
+        model_cfg = ModelCfg()
+        source = f"the default ({model_cfg.backbone}, {model_cfg.num_classes} classes)"
+    model_cfg.pretrained = None
+    model = build_model(model_cfg)
+    load_checkpoint(model, ckpt, which=args.which, allow_pickle=args.allow_pickle)
+    return model.to(device).eval(), source
+
+
+def _find_images(inputs: Path, out_dir: Path, recursive: bool) -> list[Path]:
+    """The images to predict; none is an error (with a hint when sub-folders hold some)."""
+    images = list_images(inputs, recursive=recursive, exclude=out_dir)
+    if not images:
+        hint = ""
+        if not recursive and list_images(inputs, recursive=True, exclude=out_dir):
+            hint = " Its sub-folders hold images: add --recursive."
+        raise DataError(f"{inputs}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}).{hint}")
+    return images
+
+
+def main(args: argparse.Namespace) -> int:
+    """``dida infer CHECKPOINT IMAGE_OR_DIR``: overlays and label maps; unreadable images are skipped."""
+    import cv2
+    from tqdm import tqdm
+
+    from dida.data.transforms import load_image
+
+    if not 0.0 <= args.opacity <= 1.0:
+        raise ConfigError(f"--opacity must be in [0, 1], got {args.opacity}.")
+    if len(args.img_scale) != 2 or min(args.img_scale) <= 0:
+        raise ConfigError(f"--img-scale needs two positive sizes, got {args.img_scale}.")
+    device = resolve_device(args.device)
+    out_dir = Path(args.out)
+    inputs = Path(args.inputs)
+    images = _find_images(inputs, out_dir, getattr(args, "recursive", False))
+    model, source = _load_model(args, device)
+    num_classes = int(model.num_classes)
+    print(f"model from {source}: {num_classes} classes; {len(images)} image(s) -> {out_dir}", file=sys.stderr)
+
+    root = inputs if inputs.is_dir() else inputs.parent
+    failed: list[tuple[Path, str]] = []
+    done = 0
+    for path in tqdm(images, unit="img", desc="infer", dynamic_ncols=True, file=sys.stderr,
+                     disable=len(images) < 2):
+        try:
+            img = load_image(str(path))
+        except (DidaError, cv2.error, OSError, ValueError) as e:
+            failed.append((path, str(e)))
+            tqdm.write(f"skipped {path}: {e}", file=sys.stderr)
+            continue
+        pred = predict_image(model, img, img_scale=args.img_scale, device=device, amp=args.amp)
+        rel = path.relative_to(root).parent
+        write_png(out_dir / rel / f"{path.stem}_pred.png", overlay(img, pred, args.opacity, num_classes))
+        write_png(out_dir / rel / f"{path.stem}_labelTrainIds.png", pred)
+        done += 1
+    skipped = f"; {len(failed)} skipped (unreadable)" if failed else ""
+    print(f"{done} image(s) written to {out_dir}{skipped}")
+    for path, reason in failed:
+        print(f"  skipped {path}: {reason}", file=sys.stderr)
+    if done == 0:
+        raise DataError(f"{inputs}: none of the {len(images)} image(s) could be read.")
+    return 0

@@ -1,0 +1,189 @@
+"""``dida test CONFIG_OR_RUN_DIR CHECKPOINT``: mIoU table, ``metrics.json``, ``iou.png`` and predictions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dida.constants import class_names
+from dida.data.kinds import DATASET_KINDS
+from dida.errors import CheckpointError, ConfigError, DataError
+from dida.runtime import resolve_device
+
+__all__ = ["main", "metrics_to_json"]
+
+
+def _json_value(x: Any) -> Any:
+    if isinstance(x, np.ndarray):
+        return [_json_value(v) for v in x.tolist()]
+    if isinstance(x, (float, np.floating)):
+        return None if math.isnan(float(x)) else float(x)
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    return x
+
+
+def metrics_to_json(metrics: dict[str, Any], num_classes: int, synthia: bool) -> dict[str, Any]:
+    """JSON-ready summary (fractions in [0, 1]; NaN -> null)."""
+    names = class_names(num_classes)
+    out: dict[str, Any] = {
+        "aAcc": _json_value(metrics["aAcc"]),
+        "mIoU": _json_value(metrics["mIoU"]),
+        "mAcc": _json_value(metrics["mAcc"]),
+    }
+    if synthia:
+        out["mIoU16"] = _json_value(metrics["mIoU16"])
+        out["mIoU13"] = _json_value(metrics["mIoU13"])
+    out["per_class"] = {
+        name: {"IoU": _json_value(metrics["IoU"][i]), "Acc": _json_value(metrics["Acc"][i])}
+        for i, name in enumerate(names)
+    }
+    for key in ("num_images", "num_pixels", "seconds", "images_per_s"):
+        if key in metrics:
+            out[key] = _json_value(metrics[key])
+    return out
+
+
+def _image_root(dataset: Any) -> Path | None:
+    """The folder the images of a dataset live under (for mirroring sub-folders in outputs)."""
+    for attr in ("img_dir", "image_dir", "img_root"):
+        value = getattr(dataset, attr, None)
+        if value:
+            return Path(value)
+    samples = getattr(dataset, "samples", None)
+    if samples:
+        return Path(os.path.commonpath([str(Path(s[0]).parent) for s in samples]))
+    return None
+
+
+def _check_class_count(ckpt_path: str, ckpt: dict[str, Any], cfg_classes: int, kind: str) -> None:
+    """The checkpoint, the config and the dataset kind (``DATASET_KINDS``) must agree on the classes."""
+    from dida.checkpoint import model_cfg_from_checkpoint
+
+    model_cfg = model_cfg_from_checkpoint(ckpt)
+    if model_cfg is not None and model_cfg.num_classes != cfg_classes:
+        raise CheckpointError(
+            f"{ckpt_path}: the checkpoint predicts {model_cfg.num_classes} classes but the config says "
+            f"model.num_classes={cfg_classes}. Use the config the checkpoint was trained with "
+            f"(its run directory) or override model.num_classes={model_cfg.num_classes}."
+        )
+    expected = DATASET_KINDS[kind].num_classes if kind in DATASET_KINDS else None
+    if expected is not None and cfg_classes != expected:
+        raise ConfigError(
+            f"{ckpt_path}: a {cfg_classes}-class model cannot be evaluated on the {kind} dataset, which "
+            f"has {expected} train ids. Use a {expected}-class checkpoint or a 'folder' dataset."
+        )
+
+
+def _load_config(args: argparse.Namespace) -> Any:
+    """The configuration with the command-line options (``--data-root``, ``--mode``) applied."""
+    from dida.config import load_config
+
+    cfg = load_config(args.config, list(args.overrides or ()))
+    if args.data_root:
+        cfg.data.val.root = args.data_root
+    if args.mode:
+        cfg.eval.mode = args.mode
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}.")
+    return cfg
+
+
+def _load_dataset(cfg: Any) -> Any:
+    """The validation dataset of ``cfg``; an empty split is an error."""
+    from dida.data import build_dataset
+
+    dataset = build_dataset(cfg.data.val, cfg.model.num_classes)
+    if len(dataset) == 0:
+        raise DataError(
+            f"{cfg.data.val.root}: the '{cfg.data.val.split}' split of this {cfg.data.val.kind} dataset "
+            "has no images. Check data.val.root / data.val.split (or --data-root)."
+        )
+    return dataset
+
+
+def _write_outputs(args: argparse.Namespace, cfg: Any, metrics: dict[str, Any], out_dir: Path,
+                   ckpt_path: str, device: Any) -> list[Path]:
+    """Print the table and write ``metrics.json``, ``config.yaml`` and ``iou.png``; returns what was written."""
+    from dida.config import to_yaml
+    from dida.engine.report import format_metrics_table, plot_class_iou
+    from dida.io import atomic_open
+
+    synthia = cfg.data.source.kind == "synthia"
+    names = class_names(cfg.model.num_classes)
+    print(format_metrics_table(metrics, names, synthia=synthia))
+    summary = metrics_to_json(metrics, cfg.model.num_classes, synthia)
+    summary.update(
+        checkpoint=str(Path(ckpt_path).resolve()), which=args.which, mode=cfg.eval.mode,
+        dataset={"kind": cfg.data.val.kind, "root": cfg.data.val.root, "split": cfg.data.val.split,
+                 "img_scale": list(cfg.data.val.img_scale)},
+        device=str(device), amp=args.amp,
+    )
+    with atomic_open(out_dir / "metrics.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    with atomic_open(out_dir / "config.yaml", "w") as f:
+        f.write(to_yaml(cfg))
+    written = [out_dir / "metrics.json"]
+    try:
+        plot_class_iou(metrics["IoU"], names, out_dir / "iou.png",
+                       title=f"{Path(ckpt_path).name} ({args.which}), {metrics['num_images']} "
+                             f"{cfg.data.val.kind} {cfg.data.val.split} images")
+        written.append(out_dir / "iou.png")
+    except ImportError:
+        print("matplotlib is not installed (pip install 'dida[viz]'): iou.png skipped.", file=sys.stderr)
+    return written
+
+
+def main(args: argparse.Namespace) -> int:
+    """``dida test CONFIG_OR_RUN_DIR CHECKPOINT``: mIoU table, ``metrics.json`` and ``iou.png``."""
+    from dida.checkpoint import load_checkpoint, read_checkpoint
+    from dida.data.uda import ValDataset
+    from dida.engine.evaluate import PredictionWriter, evaluate
+    from dida.models import build_model
+
+    cfg = _load_config(args)
+    device = resolve_device(args.device)
+
+    ckpt_path = str(args.checkpoint)
+    if not Path(ckpt_path).is_file():
+        raise CheckpointError(f"{ckpt_path}: no such checkpoint file.")
+    ckpt = read_checkpoint(ckpt_path, allow_pickle=args.allow_pickle)
+    _check_class_count(ckpt_path, ckpt, cfg.model.num_classes, cfg.data.val.kind)
+
+    dataset = _load_dataset(cfg)
+    val = ValDataset(dataset, img_scale=tuple(cfg.data.val.img_scale))
+
+    model = build_model(cfg.model)
+    load_checkpoint(model, ckpt, which=args.which, allow_pickle=args.allow_pickle)
+    model.to(device)
+
+    out_dir = Path(args.out) if args.out else Path(ckpt_path).resolve().parent / "test"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = None
+    if args.save_preds:
+        formats = ("color", "trainid", "cityscapes") if args.format == "all" else (args.format,)
+        writer = PredictionWriter(out_dir / "preds", formats, _image_root(dataset),
+                                  str(getattr(dataset, "img_suffix", "")), cfg.model.num_classes)
+    workers = min(cfg.data.num_workers, len(val))
+    try:
+        metrics = evaluate(
+            model, val, device=device, mode=cfg.eval.mode, crop_size=cfg.eval.crop_size,
+            stride=cfg.eval.stride, amp=args.amp, num_classes=cfg.model.num_classes,
+            max_images=args.limit, on_prediction=writer, num_workers=workers,
+        )
+    finally:
+        if writer is not None:
+            writer.close()
+
+    written = _write_outputs(args, cfg, metrics, out_dir, ckpt_path, device)
+    if writer is not None:
+        written.append(out_dir / "preds")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
