@@ -28,6 +28,42 @@ from dida.errors import ConfigError
 
 
 @dataclass
+class HRDACfg:
+    """HRDA's multi-resolution segmentor, read when ``segmentor: hrda`` (spec hrda_mic.md 1).
+
+    Defaults are the MIC(HRDA) presets. Not configurable: the detail scale (1, as every reference
+    preset and ablation) and ``feature_scale`` (the context features feed the feature distance).
+    """
+
+    # Input scales (context, detail), sorted ascending as the reference does (Q3); the detail scale must be 1.
+    scales: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    # Detail (HR) crop c as (height, width) in full-resolution pixels (`hr_crop_size`); null: no crop.
+    detail_crop_size: Optional[list[int]] = field(default_factory=lambda: [512, 512])
+    # d: the detail-crop offsets are multiples of d; must be a multiple of the output stride (4).
+    crop_divisor: int = 8
+    # Reference quirk Q1: the offset flush with the bottom/right edge is never drawn; True makes it reachable.
+    allow_last_offset: bool = False
+    # Weight of the detail-crop CE (`hr_loss_weight`); the fused CE gets 1 - hr - lr.
+    hr_loss_weight: float = 0.1
+    # Weight of the CE on the attention-scaled context logits (`lr_loss_weight`, quirk Q7).
+    lr_loss_weight: float = 0.0
+    # One attention channel per class (else a single channel).
+    attention_classwise: bool = True
+    # Width of the scale-attention head (`attention_embed_dim`).
+    attention_embed_dim: int = 256
+    # A constant attention instead of the learned head (the `fixedatt` ablation uses 0.5); null: learned.
+    fixed_attention: Optional[float] = None
+    # Test time: the detail branch by sliding c-windows (`hr_slide_inference`); else one whole-image pass.
+    slide_inference: bool = True
+    # Detail slide stride c/2 (`hr_slide_overlapping`); False: stride c.
+    slide_overlap: bool = True
+    # Ablation `blurhr`: the detail input is the image down- then up-sampled by 2 (`blur_hr_crop`).
+    blur_detail: bool = False
+    # Activation checkpointing of the backbone in training forwards (same numbers, less memory).
+    checkpoint_backbone: bool = False
+
+
+@dataclass
 class ModelCfg:
     """A segmentor on a backbone (tables in ``dida.models.registry``).
 
@@ -48,6 +84,8 @@ class ModelCfg:
     num_classes: int = NUM_CLASSES
     # ImageNet MiT weights (official .pth, HF .safetensors/.bin) for the student and the FD model.
     pretrained: Optional[str] = None
+    # Only for segmentor == "hrda".
+    hrda: HRDACfg = field(default_factory=HRDACfg)
 
 
 # ------------------------------------------------------------------------------------------ data

@@ -312,7 +312,7 @@ def model_cfg_from_checkpoint(ckpt: Mapping[str, Any]) -> ModelCfg | None:
     if fmt == "dida":
         section = _saved_model_section(ckpt.get("config"))
         if section is not None:
-            return ModelCfg(**{k: v for k, v in section.items() if k in names})
+            return _dataclass_from(ModelCfg, section)
         sd = ckpt.get("model")
     elif fmt == "mmcv":
         try:
@@ -332,6 +332,22 @@ def model_cfg_from_checkpoint(ckpt: Mapping[str, Any]) -> ModelCfg | None:
     if not fields:
         return None
     return ModelCfg(**{k: v for k, v in fields.items() if k in names})
+
+
+def _dataclass_from(cls: Any, data: Mapping[str, Any]) -> Any:
+    """``cls(**data)`` without unknown keys, rebuilding nested dataclass sections (``model.hrda``)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            continue
+        factory = fields[key].default_factory
+        if isinstance(value, Mapping) and factory is not dataclasses.MISSING:
+            default = factory()
+            if dataclasses.is_dataclass(default):
+                value = _dataclass_from(type(default), value)
+        kwargs[key] = value
+    return cls(**kwargs)
 
 
 def _saved_model_section(text: Any) -> dict[str, Any] | None:

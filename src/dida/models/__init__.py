@@ -1,10 +1,12 @@
 """Models: the protocol (``base``), the tables of backbones and segmentors (``registry``), MiT, the DAFormer
-head, the encoder-decoder segmentor, and inference."""
+head, the encoder-decoder and HRDA segmentors, and inference."""
 
 from __future__ import annotations
 
 from dida.models.base import BaseSegmentor, SegmentorOutput, backbone_of
 from dida.models.daformer_head import DAFormerHead
+from dida.models.hrda import HRDABranches, HRDAOutput, HRDASegmentor, build_hrda
+from dida.models.hrda_head import HRDAHead, ScaleAttentionHead
 from dida.models.inference import inference, slide_logits
 from dida.models.mit import (
     MIT_VARIANTS,
@@ -25,14 +27,20 @@ __all__ = [
     "BackboneEntry",
     "BaseSegmentor",
     "DAFormerHead",
+    "HRDABranches",
+    "HRDAHead",
+    "HRDAOutput",
+    "HRDASegmentor",
     "MIT_VARIANTS",
     "MixVisionTransformer",
     "SEGMENTORS",
+    "ScaleAttentionHead",
     "Segmentor",
     "SegmentorEntry",
     "SegmentorOutput",
     "WeightFormat",
     "backbone_of",
+    "build_hrda",
     "build_mit",
     "build_model",
     "build_segmentor",

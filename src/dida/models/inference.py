@@ -10,7 +10,7 @@ import torch
 from dida.models.base import BaseSegmentor
 from dida.models.ops import resize
 
-__all__ = ["inference", "slide_logits"]
+__all__ = ["inference", "slide_boxes", "slide_logits"]
 
 
 def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -22,30 +22,60 @@ def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
     return v  # type: ignore[return-value]
 
 
+def slide_boxes(
+    size: Sequence[int], crop_size: int | Sequence[int], stride: int | Sequence[int]
+) -> list[tuple[int, int, int, int]]:
+    """The mmseg sliding-window grid over an image of ``size`` (height, width), row-major.
+
+    ``n = max(size - crop + stride - 1, 0) // stride + 1`` windows per axis; window ``i`` starts at
+    ``i * stride``, is clamped to end at the border and shifted back to keep the crop size (or the image
+    size when the image is smaller). Returns ``(y1, y2, x1, x2)`` per window.
+    """
+    h_crop, w_crop = _pair(crop_size, "crop_size")
+    h_stride, w_stride = _pair(stride, "stride")
+    h_img, w_img = int(size[0]), int(size[1])
+    h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+    boxes = []
+    for hi in range(h_grids):
+        for wi in range(w_grids):
+            y2 = min(hi * h_stride + h_crop, h_img)
+            x2 = min(wi * w_stride + w_crop, w_img)
+            boxes.append((max(y2 - h_crop, 0), y2, max(x2 - w_crop, 0), x2))
+    return boxes
+
+
 def slide_logits(
-    model: BaseSegmentor, img: torch.Tensor, crop_size: int | Sequence[int], stride: int | Sequence[int]
+    model: BaseSegmentor,
+    img: torch.Tensor,
+    crop_size: int | Sequence[int],
+    stride: int | Sequence[int],
+    *,
+    batched: bool = False,
 ) -> torch.Tensor:
     """Sliding-window logits at the input size, averaged over overlapping windows (mmseg grid).
 
     img [B, 3, H, W] -> [B, C, H, W]. Windows start at multiples of the stride and are clamped to the
     image; each window's logits are resized to the window size and summed; the sum is divided by the
     per-pixel window count.
+
+    With ``batched`` all windows go through ``model.logits`` in one call (window-major: window k is
+    batch rows ``k*B ... k*B+B-1``), as the reference's ``batched_slide`` (HRDA's test configuration):
+    faster, more memory, and train-mode BatchNorm would see all windows at once.
     """
-    h_crop, w_crop = _pair(crop_size, "crop_size")
-    h_stride, w_stride = _pair(stride, "stride")
     b, _, h_img, w_img = img.shape
-    h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
-    w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+    boxes = slide_boxes((h_img, w_img), crop_size, stride)
     preds = img.new_zeros((b, model.num_classes, h_img, w_img))
     count = img.new_zeros((1, 1, h_img, w_img))
-    for hi in range(h_grids):
-        for wi in range(w_grids):
-            y2 = min(hi * h_stride + h_crop, h_img)
-            x2 = min(wi * w_stride + w_crop, w_img)
-            y1 = max(y2 - h_crop, 0)
-            x1 = max(x2 - w_crop, 0)
-            preds[:, :, y1:y2, x1:x2] += model.logits(img[:, :, y1:y2, x1:x2])
+    if batched:
+        windows = model.logits(torch.cat([img[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes], dim=0))
+        for k, (y1, y2, x1, x2) in enumerate(boxes):
+            preds[:, :, y1:y2, x1:x2] += windows[k * b:(k + 1) * b]
             count[:, :, y1:y2, x1:x2] += 1
+        return preds / count
+    for y1, y2, x1, x2 in boxes:
+        preds[:, :, y1:y2, x1:x2] += model.logits(img[:, :, y1:y2, x1:x2])
+        count[:, :, y1:y2, x1:x2] += 1
     return preds / count
 
 
@@ -56,6 +86,8 @@ def inference(
     crop_size: int | Sequence[int] | None = None,
     stride: int | Sequence[int] | None = None,
     out_size: Sequence[int] | None = None,
+    *,
+    batched_slide: bool = False,
 ) -> torch.Tensor:
     """Class probabilities as the reference test loop computes them.
 
@@ -70,6 +102,7 @@ def inference(
         mode: ``"whole"`` or ``"slide"``.
         crop_size, stride: window size and step (int or (h, w)), required for ``"slide"``.
         out_size: (height, width) of the output; default the input size.
+        batched_slide: run all sliding windows through the model in one batch (``slide_logits``).
 
     Returns:
         probs [B, C, *out_size] (or [B, C, H, W]), in the dtype of the logits.
@@ -80,7 +113,7 @@ def inference(
         elif mode == "slide":
             if crop_size is None or stride is None:
                 raise ValueError("slide inference needs crop_size and stride")
-            logits = slide_logits(model, img, crop_size, stride)
+            logits = slide_logits(model, img, crop_size, stride, batched=batched_slide)
         else:
             raise ValueError(f"unknown inference mode {mode!r}; use 'whole' or 'slide'")
         if out_size is not None:

@@ -102,7 +102,7 @@ def _build_encoder_decoder(cfg: ModelCfg, generator: torch.Generator | None) -> 
 
 def _detect_encoder_decoder(sd: Mapping[str, torch.Tensor]) -> bool:
     return any(k.startswith("backbone.") for k in sd) and not any(
-        k.startswith("decode_head.scale_attention.") for k in sd)
+        k.startswith(("decode_head.scale_attention.", "decode_head.head.")) for k in sd)
 
 
 def _infer_encoder_decoder(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -111,9 +111,30 @@ def _infer_encoder_decoder(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     return infer_daformer_head_fields(sd, prefix="decode_head.")
 
 
+def _build_hrda(cfg: ModelCfg, generator: torch.Generator | None) -> BaseSegmentor:
+    from dida.models.hrda import build_hrda
+
+    return build_hrda(cfg, generator)
+
+
+def _detect_hrda(sd: Mapping[str, torch.Tensor]) -> bool:
+    # decode_head.head.* without scale_attention.*: the fixed-attention ablation.
+    return any(k.startswith("backbone.") for k in sd) and any(
+        k.startswith(("decode_head.scale_attention.", "decode_head.head.")) for k in sd)
+
+
+def _infer_hrda(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    from dida.models.hrda import infer_hrda_fields
+
+    return infer_hrda_fields(sd)
+
+
 SEGMENTORS: dict[str, SegmentorEntry] = {
     "encoder_decoder": SegmentorEntry(_build_encoder_decoder, _detect_encoder_decoder, _infer_encoder_decoder,
                                       "backbone + DAFormer head (DAFormer, DIDA)"),
+    "hrda": SegmentorEntry(_build_hrda, _detect_hrda, _infer_hrda,
+                           "backbone + DAFormer head on a context and a detail scale, fused by a learned "
+                           "scale attention (HRDA, MIC(HRDA))"),
 }
 
 
