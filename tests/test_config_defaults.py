@@ -55,6 +55,25 @@ MODEL = {
     # dida's choice: no weights by default (the reference presets set pretrained/mit_b5.pth, 1.2 (a)).
     "model.pretrained": None,
 }
+MODEL_HRDA = {
+    # hrda_mic.md 1.1 (the MIC(HRDA) preset values), read only when model.segmentor == "hrda": scales [0.5, 1]
+    # (sorted, Q3), detail crop 512x512, divisor 8, hr_loss_weight 0.1, lr_loss_weight 0, class-wise attention of
+    # width 256, learned (fixed_attention None), HR slide inference with overlap, no blur_hr_crop; Q1 kept.
+    "model.hrda.scales": [0.5, 1.0],
+    "model.hrda.detail_crop_size": [512, 512],
+    "model.hrda.crop_divisor": 8,
+    "model.hrda.allow_last_offset": False,
+    "model.hrda.hr_loss_weight": 0.1,
+    "model.hrda.lr_loss_weight": 0.0,
+    "model.hrda.attention_classwise": True,
+    "model.hrda.attention_embed_dim": 256,
+    "model.hrda.fixed_attention": None,
+    "model.hrda.slide_inference": True,
+    "model.hrda.slide_overlap": True,
+    "model.hrda.blur_detail": False,
+    # dida's choice: activation checkpointing off (a memory option, same numbers).
+    "model.hrda.checkpoint_backbone": False,
+}
 
 # Spec 2.5 pipelines / 2.4 numerics / 2.1 layouts and suffixes, per dataset.
 DATA_SOURCE = {
@@ -250,7 +269,7 @@ RUN = {
 }
 
 GROUPS: dict[str, dict[str, Any]] = {
-    "model": MODEL, "data.source": DATA_SOURCE, "data.target": DATA_TARGET, "data.val": DATA_VAL,
+    "model": MODEL, "model.hrda": MODEL_HRDA, "data.source": DATA_SOURCE, "data.target": DATA_TARGET, "data.val": DATA_VAL,
     "data.rcs": DATA_RCS, "data.loader": DATA_LOADER, "uda": UDA, "uda.ema": UDA_EMA,
     "uda.feature_distance": UDA_FEATURE_DISTANCE, "uda.augment": UDA_AUGMENT, "uda.bank": UDA_BANK,
     "uda.dual_level": UDA_DUAL_LEVEL, "uda.mic": UDA_MIC, "optim": OPTIM, "train": TRAIN, "eval": EVAL, "run": RUN,

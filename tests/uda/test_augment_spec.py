@@ -208,9 +208,6 @@ def test_large_strength_is_clipped_like_kornia_0_5_8(factors):
     assert min(factors["contrast"]) >= 0.0 and max(factors["contrast"]) > 2.3
 
 
-@pytest.mark.xfail(strict=True, reason="augment.color_jitter draws brightness from U[max(0, 1-s), 1+s]; kornia "
-                   "0.5.8 ColorJitter bounds brightness to [0, 2] (_range_bound(..., bounds=(0, 2))), so for "
-                   "strength s > 1 the range differs (no effect at the reference's s = 0.2)")
 def test_brightness_range_is_bounded_by_two_like_kornia_0_5_8(factors):
     _jitter_many(1.5)
     _assert_uniform_range(factors["brightness"], 0.0, 2.0, 0.1)

@@ -18,11 +18,11 @@ from dida.models import build_model, build_segmentor
 from dida.models.base import BaseSegmentor, SegmentorOutput
 from dida.models.losses import seg_ce
 from dida.uda import augment
-from dida.uda.augment import AugmentGates, draw_gates
+from dida.uda.augment import AugmentGates, color_jitter, draw_gates
 from dida.uda.ema import EMATeacher
 from dida.uda.masking import block_mask, mask_image
 from dida.uda.terms import PseudoLabels, StepContext, TermBuildContext, build_terms
-from dida.uda.terms.mic import MaskedConsistencyTerm, build, color_augment, color_jitter_one_order
+from dida.uda.terms.mic import MaskedConsistencyTerm, build, color_augment
 
 SIZE = 32
 
@@ -218,12 +218,12 @@ def test_separate_mode_needs_a_batch_of_two(tiny_model_kwargs):
 def test_jitter_draws_one_op_order_per_call():
     x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     # One image: the same draws and result as DACS's per-image colour jitter.
-    a = color_jitter_one_order(x, 0.2, torch.Generator().manual_seed(1), IMG_MEAN, IMG_STD)
+    a = color_jitter(x, 0.2, torch.Generator().manual_seed(1), IMG_MEAN, IMG_STD, one_order=True)
     b = augment.color_jitter(x, 0.2, torch.Generator().manual_seed(1), IMG_MEAN, IMG_STD)
     assert torch.equal(a, b)
     # A batch: per-image factors, one order, drawn after the factors.
     xb = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
-    out = color_jitter_one_order(xb, 0.2, torch.Generator().manual_seed(3), IMG_MEAN, IMG_STD)
+    out = color_jitter(xb, 0.2, torch.Generator().manual_seed(3), IMG_MEAN, IMG_STD, one_order=True)
     g = torch.Generator().manual_seed(3)
     factors = [0.8 + 0.4 * torch.rand(3, generator=g, dtype=torch.float64) for _ in range(3)]
     factors.append(-0.2 + 0.4 * torch.rand(3, generator=g, dtype=torch.float64))

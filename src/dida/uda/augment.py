@@ -33,7 +33,7 @@ from torch import Tensor
 from dida.constants import IMG_MEAN, IMG_STD
 
 __all__ = [
-    "AugmentGates", "draw_gates", "host_to_device", "denormalize", "renormalize", "adjust_brightness",
+    "AugmentGates", "draw_gates", "jitter_factors", "uniform", "host_to_device", "denormalize", "renormalize", "adjust_brightness",
     "adjust_contrast",
     "adjust_saturation", "adjust_hue", "color_jitter", "blur_kernel_size", "gaussian_kernel1d",
     "gaussian_blur", "strong_augment", "weak_augment",
@@ -118,31 +118,53 @@ def adjust_hue(x: Tensor, factor: Tensor | float) -> Tensor:
 _OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
-def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> Tensor:
+def uniform(n: int, low: float, high: float, generator: torch.Generator) -> Tensor:
+    """``n`` float64 draws from U(low, high) on the CPU generator."""
     return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
 
 
+def jitter_factors(batch: int, strength: float, generator: torch.Generator) -> list[Tensor]:
+    """Per-image factors of kornia 0.5.8 ``ColorJitter(s, s, s, s)``: four float64 ``[B]`` CPU tensors.
+
+    Brightness ~ U[max(0, 1-s), min(1+s, 2)] (kornia bounds it to [0, 2]); contrast and saturation ~
+    U[max(0, 1-s), 1+s]; hue ~ U[-min(s, 0.5), min(s, 0.5)]. Drawn in that order from ``generator``.
+    """
+    low = max(0.0, 1.0 - strength)
+    factors = [uniform(batch, low, min(1.0 + strength, 2.0), generator)]
+    factors += [uniform(batch, low, 1.0 + strength, generator) for _ in range(2)]
+    hue_s = min(strength, 0.5)
+    factors.append(uniform(batch, -hue_s, hue_s, generator))
+    return factors
+
+
 def color_jitter(x: Tensor, strength: float, generator: torch.Generator,
-                 mean: Sequence[float] = IMG_MEAN, std: Sequence[float] = IMG_STD) -> Tensor:
-    """Colour jitter of normalised images with per-image factors and a per-image op order.
+                 mean: Sequence[float] = IMG_MEAN, std: Sequence[float] = IMG_STD, *,
+                 one_order: bool = False) -> Tensor:
+    """Colour jitter of normalised images with per-image factors (``jitter_factors``).
+
+    The four ops run in a random order: one order per image (what DACS's per-image calls give), or with
+    ``one_order`` one order for the whole batch (kornia's ``ColorJitter`` called once on a batch, as MIC's
+    augmentation does). The factors are drawn first, then the order(s).
 
     Args:
         x: [B, 3, H, W] normalised images (not modified).
-        strength: s; brightness/contrast/saturation ~ U[1-s, 1+s] (lower bound clipped at 0), hue ~ U[-s, s].
+        strength: s (see ``jitter_factors``).
         generator: CPU generator.
+        one_order: one op order for the whole batch.
 
     Returns:
         [B, 3, H, W] jittered normalised images.
     """
     _check_generator(generator)
     batch = x.shape[0]
-    low = max(0.0, 1.0 - strength)
-    factors = [_uniform(batch, low, 1.0 + strength, generator) for _ in range(3)]
-    hue_s = min(strength, 0.5)
-    factors.append(_uniform(batch, -hue_s, hue_s, generator))
-    orders = [torch.randperm(4, generator=generator).tolist() for _ in range(batch)]
-    factors_dev = [host_to_device(f.float(), x.device) for f in factors]
+    factors_dev = [host_to_device(f.float(), x.device) for f in jitter_factors(batch, strength, generator)]
     rgb = denormalize(x.float(), mean, std)
+    if one_order:
+        y = rgb
+        for k in torch.randperm(4, generator=generator).tolist():
+            y = _OPS[k](y, factors_dev[k])
+        return renormalize(y, mean, std).to(x.dtype)
+    orders = [torch.randperm(4, generator=generator).tolist() for _ in range(batch)]
     out = []
     for b in range(batch):
         y = rgb[b:b + 1]
@@ -206,7 +228,7 @@ def _maybe_jitter_and_blur(x: Tensor, gates: AugmentGates, generator: torch.Gene
     blur = gates.blur > 0.5
 
     def do_blur(y: Tensor) -> Tensor:
-        sigma = _uniform(y.shape[0], 0.15, 1.15, generator)
+        sigma = uniform(y.shape[0], 0.15, 1.15, generator)
         return gaussian_blur(y, sigma)
 
     out = x

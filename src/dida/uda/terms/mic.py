@@ -38,18 +38,7 @@ from torch import Tensor
 
 from dida.models.losses import seg_accuracy
 from dida.models.ops import resize
-from dida.uda.augment import (
-    AugmentGates,
-    adjust_brightness,
-    adjust_contrast,
-    adjust_hue,
-    adjust_saturation,
-    denormalize,
-    draw_gates,
-    gaussian_blur,
-    host_to_device,
-    renormalize,
-)
+from dida.uda.augment import AugmentGates, color_jitter, draw_gates, gaussian_blur, uniform
 from dida.uda.ema import EMATeacher
 from dida.uda.masking import block_mask, mask_image
 from dida.uda.pseudo_label import pseudo_labels, pseudo_weight
@@ -58,51 +47,17 @@ from dida.uda.terms.base import StepContext, Term, TermBuildContext
 if TYPE_CHECKING:
     from dida.config import Config
 
-__all__ = ["MICMode", "MaskedConsistencyTerm", "build", "color_augment", "color_jitter_one_order"]
+__all__ = ["MICMode", "MaskedConsistencyTerm", "build", "color_augment"]
 
 MICMode = Literal["separate", "separateaug", "separatesrc", "separatesrcaug", "separatetrg", "separatetrgaug"]
-
-_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-
-
-def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> Tensor:
-    return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
-
-
-def color_jitter_one_order(x: Tensor, strength: float, generator: torch.Generator,
-                           mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """kornia 0.5.8 ``ColorJitter(s, s, s, s)`` called once on a batch: per-image factors, ONE op order.
-
-    The draws follow ``dida.uda.augment.color_jitter`` (brightness, contrast, saturation factors ``[B]``
-    each, hue ``[B]``, then ``randperm(4)``) but the order is drawn once for the call, as MIC's
-    augmentation of the whole batch does (spec 4.4). For one image both functions agree.
-
-    Args:
-        x: ``[B, 3, H, W]`` normalised images (not modified).
-        strength: ``s``; brightness/contrast/saturation ~ U[max(0, 1-s), 1+s], hue ~ U[-min(s, .5), min(s, .5)].
-        generator: CPU generator.
-
-    Returns:
-        ``[B, 3, H, W]`` jittered normalised images.
-    """
-    batch = x.shape[0]
-    low = max(0.0, 1.0 - strength)
-    factors = [_uniform(batch, low, 1.0 + strength, generator) for _ in range(3)]
-    hue = min(strength, 0.5)
-    factors.append(_uniform(batch, -hue, hue, generator))
-    order = torch.randperm(4, generator=generator).tolist()
-    y = denormalize(x.float(), mean, std)
-    for k in order:
-        y = _JITTER_OPS[k](y, host_to_device(factors[k].float(), x.device))
-    return renormalize(y, mean, std).to(x.dtype)
-
 
 def color_augment(images: Tensor, gates: AugmentGates, generator: torch.Generator, *, strength: float,
                   prob: float, blur_sigma: Literal["per_batch", "per_image"], mean: Sequence[float],
                   std: Sequence[float]) -> Tensor:
     """MIC's colour augmentation of the images to be masked: jitter, then blur (spec 4.4).
 
-    Jitter runs when ``gates.color_jitter > prob`` (``color_jitter_one_order``); blur when
+    Jitter runs when ``gates.color_jitter > prob`` (one op order for the batch, as kornia's ``ColorJitter``
+    called once on it); blur when
     ``gates.blur > 0.5`` with sigma ~ U(0.15, 1.15), one for the batch (``"per_batch"``, the reference,
     Q13) or one per image, and the kernel size rule of ``dida.uda.augment.blur_kernel_size``.
 
@@ -114,9 +69,9 @@ def color_augment(images: Tensor, gates: AugmentGates, generator: torch.Generato
     """
     out = images
     if gates.color_jitter > prob:
-        out = color_jitter_one_order(out, strength, generator, mean, std)
+        out = color_jitter(out, strength, generator, mean, std, one_order=True)
     if gates.blur > 0.5:
-        sigma = _uniform(1 if blur_sigma == "per_batch" else out.shape[0], 0.15, 1.15, generator)
+        sigma = uniform(1 if blur_sigma == "per_batch" else out.shape[0], 0.15, 1.15, generator)
         out = gaussian_blur(out, sigma.expand(out.shape[0]))
     return out if out is not images else images.clone()
 
