@@ -56,6 +56,8 @@ class _StubModel(nn.Module):
     def forward(self, img):
         return SimpleNamespace(embedding=F.relu(F.avg_pool2d(img, 4)))
 
+    predict = forward  # the segmentor protocol's test-time forward
+
 
 def test_build_bank_rows_are_per_image_class_means_of_the_upsampled_embedding():
     rng = np.random.default_rng(0)

@@ -109,7 +109,7 @@ def _class_means(
         label: ``[H, W]`` train ids at the original resolution.
     """
     with autocast(img.device, amp):
-        emb = model(img).embedding
+        emb = model.predict(img).embedding
     # labels at the resized image's resolution (nearest, as mmseg resizes segmentation maps)
     lab = torch.from_numpy(np.array(label, dtype=np.int64)).to(img.device)[None, None]
     lab = torch.nn.functional.interpolate(lab.float(), size=img.shape[-2:], mode="nearest").long()[:, 0]

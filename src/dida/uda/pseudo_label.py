@@ -26,7 +26,8 @@ def confident_fraction(max_prob: Tensor, threshold: float) -> Tensor:
     return (max_prob >= threshold).float().mean()
 
 
-def pseudo_weight(max_prob: Tensor, threshold: float, ignore_top: int = 0, ignore_bottom: int = 0) -> Tensor:
+def pseudo_weight(max_prob: Tensor, threshold: float | None, ignore_top: int = 0, ignore_bottom: int = 0,
+                  valid_mask: Tensor | None = None) -> Tensor:
     """The reference's per-batch scalar confidence weight, broadcast to a map.
 
     The weight is ONE scalar for the whole batch: the fraction of pixels (over all images) whose
@@ -37,17 +38,24 @@ def pseudo_weight(max_prob: Tensor, threshold: float, ignore_top: int = 0, ignor
 
     Args:
         max_prob: [B, H, W] confidence of the pseudo-labels.
-        threshold: confidence threshold (reference 0.968).
+        threshold: confidence threshold (reference 0.968); None gives weight 1 (MIC's
+            ``mask_pseudo_threshold=None``), the rows below still zeroed.
         ignore_top: number of top rows set to 0 (0 disables).
         ignore_bottom: number of bottom rows set to 0 (0 disables).
+        valid_mask: [B, (1,) H, W] or None: the weight is multiplied by it (HRDA's pseudo-label margins,
+            delivered by the loader as ``valid_pseudo_mask``).
 
     Returns:
         [B, H, W] float weight map.
     """
-    fraction = confident_fraction(max_prob, threshold)
-    weight = fraction.expand(max_prob.shape).clone()
+    if threshold is None:
+        weight = torch.ones_like(max_prob, dtype=torch.float32)
+    else:
+        weight = confident_fraction(max_prob, threshold).expand(max_prob.shape).clone()
     if ignore_top > 0:
         weight[:, :ignore_top, :] = 0
     if ignore_bottom > 0:
         weight[:, -ignore_bottom:, :] = 0
+    if valid_mask is not None:
+        weight = weight * valid_mask.reshape(weight.shape).to(weight.dtype)
     return weight

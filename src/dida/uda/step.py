@@ -2,7 +2,8 @@
 
 The skeleton, in the reference's order (spec 4.6); the numbers are the hooks of ``dida.uda.terms.Term``:
 
-1. EMA teacher: initialised from the student at step 0, else updated, at the START of the step.
+1. EMA teacher: initialised from the student at step 0, else updated, at the START of the step; then
+   every term's ``on_step_start`` (e.g. a term's own EMA teacher).
 2. The strong augmentation's gates (colour jitter, blur), drawn once from the step's generator.
 3. Source: student forward on the source crop, ``loss/src_ce`` = the model's own loss;
    ``on_source`` of every term (e.g. ``loss/feat_dist``, the DIDA bank update); ONE backward of the sum.
@@ -168,10 +169,7 @@ class SelfTrainingStep:
                 probs = term.refine_probs(ctx, probs, out)
             labels, conf = pseudo_labels(probs)
             weight = pseudo_weight(conf, self.pseudo_threshold, self.pseudo_weight_ignore_top,
-                                   self.pseudo_weight_ignore_bottom)
-            valid = ctx.batch.get("valid_pseudo_mask")
-            if valid is not None:
-                weight = weight * valid.reshape(weight.shape).to(weight.dtype)
+                                   self.pseudo_weight_ignore_bottom, ctx.batch.get("valid_pseudo_mask"))
             fraction = confident_fraction(conf, self.pseudo_threshold)
         return PseudoLabels(labels=labels, weight=weight, confident_fraction=fraction, probs=probs,
                             teacher_output=out, view=view)
@@ -216,6 +214,8 @@ class SelfTrainingStep:
 
         if self.self_training:
             self.update_teacher(step)  # 1.
+        for term in self.terms:
+            term.on_step_start(ctx)
         gates = draw_gates(generator, self.blur)  # 2.
         run_backward(self.source_stage(ctx, losses))  # 3.
         ctx.source_output = None

@@ -3,6 +3,8 @@
 The step (``dida.uda.step.SelfTrainingStep``) is a fixed skeleton; a term plugs into it at these points,
 each a method with a no-op default:
 
+0. ``on_step_start(ctx)`` right after the EMA teacher's update, before any forward (e.g. a term's own
+   teacher follows the same timeline).
 1. ``on_source(ctx)`` after the student's source forward (``ctx.source_output``): losses returned here are
    backpropagated together with the source loss (e.g. the feature distance); side effects such as a bank
    update happen here too.
@@ -143,6 +145,9 @@ class Term(nn.Module):
 
     needs_teacher: bool = False
     name: str = ""
+
+    def on_step_start(self, ctx: StepContext) -> None:
+        return None
 
     def on_source(self, ctx: StepContext) -> dict[str, Tensor]:
         return {}

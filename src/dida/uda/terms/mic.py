@@ -135,9 +135,11 @@ class MaskedConsistencyTerm(Term):
     # ------------------------------------------------------------------------------------- pieces
 
     @torch.no_grad()
-    def update_teacher(self, ctx: StepContext) -> None:
-        """The separate teacher's EMA timeline: a copy of the student at step 0, else ``update(student, t)``."""
-        assert self.teacher is not None
+    def on_step_start(self, ctx: StepContext) -> None:
+        """The separate teacher's EMA timeline, at the start of the step after the DACS teacher (spec 4.5): a
+        copy of the student at step 0, else ``update(student, t)``."""
+        if self.teacher is None:
+            return
         if ctx.step == 0:
             self.teacher.init_from(ctx.student)
         else:
@@ -156,17 +158,9 @@ class MaskedConsistencyTerm(Term):
             out = self.teacher.predict(ctx.target_img)
         probs = torch.softmax(resize(out.logits.detach().float(), ctx.target_img.shape[-2:]), dim=1)
         labels, confidence = pseudo_labels(probs)
-        if self.pseudo_threshold is None:  # the reference's threshold None: weight 1, margins still zeroed
-            weight = torch.ones_like(confidence)
-            weight[:, :self.pseudo_weight_ignore_top] = 0
-            if self.pseudo_weight_ignore_bottom > 0:
-                weight[:, -self.pseudo_weight_ignore_bottom:] = 0
-        else:
-            weight = pseudo_weight(confidence, self.pseudo_threshold, self.pseudo_weight_ignore_top,
-                                   self.pseudo_weight_ignore_bottom)
-        valid = ctx.batch.get("valid_pseudo_mask")
-        if valid is not None:
-            weight = weight * valid.reshape(weight.shape).to(weight.dtype)
+        # threshold None (the reference's mask_pseudo_threshold None): weight 1, margins still zeroed
+        weight = pseudo_weight(confidence, self.pseudo_threshold, self.pseudo_weight_ignore_top,
+                               self.pseudo_weight_ignore_bottom, ctx.batch.get("valid_pseudo_mask"))
         return labels, weight
 
     def select(self, ctx: StepContext) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -181,7 +175,6 @@ class MaskedConsistencyTerm(Term):
         if ctx.target_img is None or (self.teacher is None and ctx.pseudo is None):
             raise ValueError(f"MIC mode {self.mode!r} needs the target and the teacher (uda.self_training)")
         if self.teacher is not None:
-            self.update_teacher(ctx)
             labels, weight = self.teacher_pseudo_labels(ctx)
         else:
             assert ctx.pseudo is not None
