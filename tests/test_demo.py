@@ -1,4 +1,4 @@
-"""`dida demo --quick`: synthetic data -> convert -> three trainings -> evaluation -> report, end to end."""
+"""`dida demo --quick`: synthetic data -> convert -> five trainings -> evaluation -> report, end to end."""
 
 from __future__ import annotations
 
@@ -15,14 +15,16 @@ def test_presets_load():
     from dida.config import load_config
 
     methods = {}
-    for name in ("synth_source_only", "synth_daformer", "synth_dida"):
+    for name in ("synth_source_only", "synth_daformer", "synth_dida", "synth_mic", "synth_mic_dida"):
         cfg = load_config(name)
-        methods[name] = (cfg.uda.self_training, cfg.uda.dual_level.enabled)
+        methods[name] = (cfg.uda.self_training, cfg.uda.dual_level.enabled, cfg.uda.mic.enabled)
         assert cfg.model.backbone == "mit_b0" and cfg.model.pretrained is None
         assert not cfg.uda.feature_distance.enabled
         assert cfg.train.eval_interval == cfg.train.max_iters
         assert cfg.data.source.kind == "gta" and cfg.data.val.split == "val"
-    assert methods == {"synth_source_only": (False, False), "synth_daformer": (True, False), "synth_dida": (True, True)}
+    assert methods == {"synth_source_only": (False, False, False), "synth_daformer": (True, False, False),
+                       "synth_dida": (True, True, False), "synth_mic": (True, False, True),
+                       "synth_mic_dida": (True, True, True)}
     assert load_config("synth_dida").uda.bank.init == "random"
 
 
@@ -47,7 +49,7 @@ def test_demo_quick_end_to_end(tmp_path: Path):
     for name in ("report.md", "results.json", "predictions.png", "iou.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"source_only", "daformer", "dida"}
+    assert set(results) == {"source_only", "daformer", "dida", "mic", "mic_dida"}
     for r in results.values():
         assert 0.0 <= r["mIoU"] <= 1.0
         assert set(r["IoU"]) == set(CITYSCAPES_CLASSES)

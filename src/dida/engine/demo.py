@@ -3,11 +3,12 @@ command is ``dida.commands.demo``).
 
 1. generate the data (``dida synth``; skipped when ``OUT/data`` already holds it with the same
    parameters, judged by its manifest) and convert it (``dida convert``);
-2. train the three presets ``synth_source_only``, ``synth_daformer`` and ``synth_dida`` (a run whose
-   directory already holds the finished run of the identical configuration is reused);
+2. train the five presets ``synth_source_only``, ``synth_daformer``, ``synth_dida``, ``synth_mic``
+   (DAFormer + MIC) and ``synth_mic_dida`` (DIDA + MIC) (a run whose directory already holds the finished
+   run of the identical configuration is reused);
 3. read each run's final evaluation on the target validation split (``run_dir/eval.jsonl``);
 4. print a per-class table and write ``OUT/results.json``, ``OUT/report.md``, ``OUT/predictions.png``
-   (input, ground truth and the three predictions for a few validation images) and ``OUT/iou.png``.
+   (input, ground truth and each method's prediction for a few validation images) and ``OUT/iou.png``.
 
 The benchmark data is fixed (generator seed 0, like a real dataset); ``--seed`` is the training seed.
 ``--quick`` runs a tiny smoke version (tiny images, a handful of iterations) for the tests.
@@ -32,8 +33,9 @@ from dida.io import atomic_open, atomic_path
 from dida.runtime import resolve_device
 from dida.visualize import colorize
 
-METHODS: tuple[str, ...] = ("source_only", "daformer", "dida")
-METHOD_TITLES = {"source_only": "Source only", "daformer": "DAFormer", "dida": "DIDA"}
+METHODS: tuple[str, ...] = ("source_only", "daformer", "dida", "mic", "mic_dida")
+METHOD_TITLES = {"source_only": "Source only", "daformer": "DAFormer", "dida": "DIDA", "mic": "DAFormer + MIC",
+                 "mic_dida": "DIDA + MIC"}
 DATA_SEED = 0
 NUM_FIGURE_IMAGES = 3  # at most; fewer when the val split is smaller
 
@@ -306,7 +308,7 @@ def write_report(out: Path, results: dict[str, Any], info: dict[str, Any]) -> Pa
 
 
 def run_demo(out: Path, *, seed: int = 0, iters: int | None = None, quick: bool = False) -> Path:
-    """Data, three trainings, evaluation, figures and report under ``out``; returns the report's path.
+    """Data, five trainings, evaluation, figures and report under ``out``; returns the report's path.
 
     Args:
         out: output folder (``out/data``, one run directory per method, the report files).
