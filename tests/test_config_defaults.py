@@ -250,6 +250,8 @@ TRAIN = {
     "train.amp": "off",
     "train.channels_last": False,
     "train.compile": False,
+    "train.compile_backend": "inductor",
+    "train.compile_mode": None,
 }
 EVAL = {
     # 8: "test_cfg.mode='whole'"; all 500 val images. Slide crop/stride are dida's choices: "Slide

@@ -279,7 +279,12 @@ class TrainCfg:
     skip_nonfinite: bool = False
     amp: Literal["off", "bf16", "fp16"] = "off"
     channels_last: bool = False
+    # torch.compile the student, the EMA teacher and the terms' frozen models (same numbers up to float rounding).
     compile: bool = False
+    # Its backend and mode (torch.compile's `backend`, `mode`): inductor generates fused kernels; aot_eager
+    # traces without code generation (fast to build, for checks).
+    compile_backend: str = "inductor"
+    compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None
 
 
 @dataclass

@@ -37,7 +37,7 @@ from dida.engine.logging import DebugVisualizer, MetricWriter
 from dida.engine.optim import build_optimizer, set_learning_rates
 from dida.errors import CheckpointError, ConfigError, DataError, DidaError
 from dida.io import atomic_path
-from dida.runtime import autocast
+from dida.runtime import autocast, compile_models
 
 __all__ = ["NonFiniteLossError", "RunLock", "build_models", "build_training_state", "train"]
 
@@ -284,9 +284,12 @@ class _TrainingRun:
             start_iter=self.state.iteration, rank=self.rank, world_size=self.world,
             pin_memory=cfg.data.pin_memory and self.device.type == "cuda", seed=cfg.run.seed,
         )
-        student = self.state.student
-        step_model = torch.compile(student) if cfg.train.compile else student
-        self.step = build_step(cfg.uda, student=step_model, teacher=self.state.teacher, terms=self.state.terms)
+        if cfg.train.compile:
+            for module in (self.state.student, self.state.teacher, *self.state.terms.values()):
+                if module is not None:
+                    compile_models(module, backend=cfg.train.compile_backend, mode=cfg.train.compile_mode)
+        self.step = build_step(cfg.uda, student=self.state.student, teacher=self.state.teacher,
+                               terms=self.state.terms)
         self.writer = MetricWriter(self.run_dir, max_iters=cfg.train.max_iters, start_iter=self.state.iteration,
                                    enabled=self.is_main)
         self.visualizer = DebugVisualizer(self.run_dir / "debug")
