@@ -275,7 +275,10 @@ class TrainCfg:
     eval_interval: int = 1600
     log_interval: int = 50
     debug_img_interval: int = 1000
-    keep_last: Optional[int] = None
+    # Checkpoint files iter_N.pth kept (null: all); latest.pth always points at the newest.
+    keep_last: Optional[int] = 1
+    # Also keep the checkpoint of the best evaluation (mIoU) as best.pth (written when an evaluation improves).
+    keep_best: bool = True
     skip_nonfinite: bool = False
     amp: Literal["off", "bf16", "fp16"] = "off"
     channels_last: bool = False

@@ -28,6 +28,7 @@ from dida.checkpoint.load import (
 )
 from dida.checkpoint.training import (
     TrainingState,
+    link_checkpoint,
     list_checkpoints,
     restore_training_state,
     training_state_dict,
@@ -36,7 +37,7 @@ from dida.checkpoint.training import (
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "MMCV_PREFIXES", "TrainingState", "detect_format", "detect_weight_format",
-    "infer_model_fields", "is_tensor_dict", "list_checkpoints", "load_checkpoint", "load_pretrained",
+    "infer_model_fields", "is_tensor_dict", "link_checkpoint", "list_checkpoints", "load_checkpoint", "load_pretrained",
     "load_state_dict_strict", "model_cfg_from_checkpoint", "read_checkpoint", "restore_training_state",
     "save_checkpoint", "split_mmcv_state_dict", "strip_prefix", "training_state_dict", "unwrap",
     "write_checkpoint",

@@ -25,7 +25,7 @@ from dida.checkpoint.io import FORMAT_VERSION, read_checkpoint, save_checkpoint
 from dida.errors import CheckpointError
 from dida.io import atomic_path
 
-__all__ = ["CHECKPOINT_RE", "TrainingState", "list_checkpoints", "restore_training_state", "training_state_dict",
+__all__ = ["CHECKPOINT_RE", "TrainingState", "link_checkpoint", "list_checkpoints", "restore_training_state", "training_state_dict",
            "write_checkpoint"]
 
 CHECKPOINT_RE = re.compile(r"^iter_(\d+)\.pth$")
@@ -98,16 +98,22 @@ def write_checkpoint(run_dir: Path, iteration: int, state: Mapping[str, Any], ke
     """
     path = Path(run_dir) / f"iter_{int(iteration)}.pth"
     save_checkpoint(path, state)
-    with atomic_path(Path(run_dir) / "latest.pth") as tmp:
-        tmp.unlink()
-        try:
-            os.link(path, tmp)  # a hard link: no second copy on disk
-        except OSError:
-            shutil.copyfile(path, tmp)
+    link_checkpoint(path, Path(run_dir) / "latest.pth")
     if keep_last is not None:
         for _, old in list_checkpoints(run_dir)[:-keep_last]:
             old.unlink(missing_ok=True)
     return path
+
+
+def link_checkpoint(path: Path, name: Path) -> None:
+    """Point ``name`` (e.g. ``latest.pth``, ``best.pth``) at ``path`` atomically: a hard link (no second copy on
+    disk; it survives the pruning of ``path``), or a copy where the file system has no hard links."""
+    with atomic_path(name) as tmp:
+        tmp.unlink()
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
 
 
 def restore_training_state(path: Path, state: TrainingState) -> dict[str, Any]:

@@ -21,7 +21,14 @@ def _fmt(v: float) -> str:
 
 
 class MetricWriter:
-    """Writes one JSON object per logged iteration to ``metrics.jsonl``, a terminal line, and TensorBoard."""
+    """The run's record, in the convention of mmseg / detectron2 logs.
+
+    - ``metrics.jsonl``: one JSON object per logged iteration (losses, statistics, learning rate, timing,
+      peak memory); ``eval.jsonl``: one per evaluation;
+    - ``train.log``: the human-readable log (banner, one line per logged iteration with s/iter, data time,
+      ETA and peak memory, the per-class table of each evaluation, the final summary), also printed;
+    - TensorBoard scalars when TensorBoard is installed.
+    """
 
     def __init__(self, run_dir: Path, *, max_iters: int, start_iter: int = 0, enabled: bool = True,
                  stream: TextIO | None = None) -> None:
@@ -31,6 +38,7 @@ class MetricWriter:
         self._t0 = time.perf_counter()
         self._it0 = start_iter
         self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1) if enabled else None  # noqa: SIM115
+        self._text = open(run_dir / "train.log", "a", buffering=1) if enabled else None  # noqa: SIM115
         self._tb = None
         if enabled:
             try:
@@ -40,42 +48,81 @@ class MetricWriter:
             except Exception:  # noqa: BLE001 (tensorboard missing or broken: the jsonl file is the record)
                 self._tb = None
 
-    def log(self, it: int, values: dict[str, float]) -> None:
-        """Record the values of (1-based) iteration ``it``."""
+    def line(self, text: str, *, stream: TextIO | None = None) -> None:
+        """Print ``text`` and append it to ``train.log`` (with a time stamp per line)."""
         if not self.enabled:
             return
+        print(text, file=stream or self.stream, flush=True)
+        assert self._text is not None
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        for row in text.splitlines() or [""]:
+            self._text.write(f"{stamp} {row}\n")
+
+    def log(self, it: int, values: dict[str, float], *, timing: dict[str, float] | None = None) -> None:
+        """Record the values of (1-based) iteration ``it``.
+
+        Args:
+            values: losses, statistics and the learning rate (averaged over the logging interval).
+            timing: ``time/iter`` and ``time/data`` (seconds, interval means) and ``mem/peak_gib``.
+        """
+        if not self.enabled:
+            return
+        timing = timing or {}
         elapsed = time.perf_counter() - self._t0
         done = max(it - self._it0, 1)
-        eta = elapsed / done * max(self.max_iters - it, 0)
-        record = {"iter": it, **values, "time": round(elapsed, 3)}
+        per_iter = timing.get("time/iter", elapsed / done)
+        eta = per_iter * max(self.max_iters - it, 0)
+        record = {"iter": it, **values, **{k: round(v, 4) for k, v in timing.items()}, "time": round(elapsed, 3)}
         assert self._jsonl is not None
         self._jsonl.write(json.dumps(record) + "\n")
         body = "  ".join(f"{k}={_fmt(v)}" for k, v in values.items())
-        print(f"[iter {it}/{self.max_iters}] {body}  eta={_format_seconds(eta)}", file=self.stream, flush=True)
+        extra = ""
+        if "time/iter" in timing:
+            extra += f"  time={timing['time/iter']:.3f}s/it data={timing.get('time/data', 0.0):.3f}s"
+        if "mem/peak_gib" in timing:
+            extra += f"  mem={timing['mem/peak_gib']:.2f}GiB"
+        self.line(f"[iter {it}/{self.max_iters}] {body}{extra}  eta={_format_seconds(eta)}")
         if self._tb is not None:
-            for k, v in values.items():
+            for k, v in {**values, **timing}.items():
                 self._tb.add_scalar(k, v, it)
 
     def log_eval(self, it: int, metrics: dict[str, Any], run_dir: Path, class_names: list[str]) -> None:
+        """Append to ``eval.jsonl`` and write the per-class table."""
         if not self.enabled:
             return
+        from dida.engine.report import format_metrics_table
+
         iou = [None if np.isnan(x) else float(x) for x in np.asarray(metrics["IoU"], dtype=float)]
         record = {"iter": it, "mIoU": float(metrics["mIoU"]), "aAcc": float(metrics["aAcc"]),
                   "IoU": dict(zip(class_names, iou))}
         with open(run_dir / "eval.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        print(f"[iter {it}] eval mIoU={100 * record['mIoU']:.2f} aAcc={100 * record['aAcc']:.2f}",
-              file=self.stream, flush=True)
+        self.line(f"[iter {it}] evaluation on {metrics.get('num_images', '?')} images:\n"
+                  + format_metrics_table(metrics, class_names))
+        self.line(f"[iter {it}] eval mIoU={100 * record['mIoU']:.2f} aAcc={100 * record['aAcc']:.2f}")
         if self._tb is not None:
             self._tb.add_scalar("eval/mIoU", record["mIoU"], it)
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
+        for name in ("_jsonl", "_text"):
+            f = getattr(self, name)
+            if f is not None:
+                f.close()
+                setattr(self, name, None)
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def peak_memory_gib(device: Any) -> float:
+    """Peak memory so far: ``torch.cuda.max_memory_allocated`` on CUDA, the process's peak RSS elsewhere."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _format_seconds(s: float) -> str:

@@ -17,6 +17,7 @@ import fcntl
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 
 from dida.checkpoint import (
     TrainingState,
+    link_checkpoint,
     list_checkpoints,
     restore_training_state,
     training_state_dict,
@@ -33,7 +35,7 @@ from dida.checkpoint import (
 from dida.config import Config, to_yaml
 from dida.constants import class_names
 from dida.engine import distributed as dist_utils
-from dida.engine.logging import DebugVisualizer, MetricWriter
+from dida.engine.logging import DebugVisualizer, MetricWriter, peak_memory_gib
 from dida.engine.optim import build_optimizer, set_learning_rates
 from dida.errors import CheckpointError, ConfigError, DataError, DidaError
 from dida.io import atomic_path
@@ -279,6 +281,7 @@ class _TrainingRun:
         if resuming:
             self.restore()
         train_set, self.val_set = build_uda_datasets(cfg.data, seed=cfg.run.seed)
+        self.dataset_sizes = (len(train_set.source), len(train_set.target), len(self.val_set))
         self.loader = build_train_loader(
             train_set, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
             start_iter=self.state.iteration, rank=self.rank, world_size=self.world,
@@ -293,6 +296,9 @@ class _TrainingRun:
         self.writer = MetricWriter(self.run_dir, max_iters=cfg.train.max_iters, start_iter=self.state.iteration,
                                    enabled=self.is_main)
         self.visualizer = DebugVisualizer(self.run_dir / "debug")
+        self.best = _best_eval(self.run_dir / "eval.jsonl") if resuming else None
+        self._saved_at: int | None = None
+        self.writer.line(self.banner(resuming))
 
     def restore(self) -> None:
         """Continue from ``run_dir/latest.pth``; drop log rows written after it (a kill -9 between log and save)."""
@@ -301,6 +307,39 @@ class _TrainingRun:
             for name in ("metrics.jsonl", "eval.jsonl"):
                 _truncate_log(self.run_dir / name, self.state.iteration)
             print(f"Resuming {self.run_dir} from iteration {self.state.iteration}.", flush=True)
+
+    def banner(self, resuming: bool) -> str:
+        """What this run is: versions, device, run folder, model, method, schedule, data."""
+        from dida import __version__
+        from dida.uda.terms import enabled_terms
+
+        cfg, m, t, d = self.cfg, self.cfg.model, self.cfg.train, self.cfg.data
+        params = sum(p.numel() for p in self.state.student.parameters())
+        threads = f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else ""
+        gpu = f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else ""
+        method = ("self-training" if cfg.uda.self_training else "source only") + (
+            f" + {', '.join(enabled_terms(cfg))}" if enabled_terms(cfg) else "")
+        n_src, n_tgt, n_val = self.dataset_sizes
+        start = f"resuming from iteration {self.state.iteration}" if resuming else "starting at iteration 0"
+        return "\n".join([
+            f"dida {__version__}, torch {torch.__version__}, device {self.device}{gpu}{threads}, "
+            f"{self.world} process(es)",
+            f"run directory: {self.run_dir} (config.yaml, train.log, metrics.jsonl, eval.jsonl, checkpoints)",
+            f"model: {m.segmentor} on {m.backbone}, {m.num_classes} classes, {params:,} parameters; "
+            f"pretrained: {m.pretrained or 'none (random initialisation)'}",
+            f"method: {method}",
+            f"schedule: {t.max_iters} iterations, batch {d.batch_size} per domain and process, crops "
+            f"{d.source.crop_size[0]}x{d.source.crop_size[1]}, lr {cfg.optim.lr:g}, amp {t.amp}, "
+            f"compile {'on' if t.compile else 'off'}, seed {cfg.run.seed}",
+            f"data: source {d.source.kind} {d.source.root} ({n_src} images), target {d.target.kind} "
+            f"{d.target.root} {d.target.split} ({n_tgt}), val {d.val.kind} {d.val.split} ({n_val}, "
+            f"{cfg.eval.mode} inference)",
+            (f"checkpoints every {t.checkpoint_interval} iterations" if t.checkpoint_interval
+             else "a checkpoint at the end") + f" (keep {t.keep_last or 'all'}"
+            f"{' and the best by mIoU' if t.keep_best else ''}), "
+            + (f"evaluation every {t.eval_interval} iterations" if t.eval_interval else "no evaluation")
+            + f"; {start}",
+        ])
 
     def models(self) -> dict[str, torch.nn.Module]:
         out: dict[str, torch.nn.Module] = {"model": self.state.student}
@@ -312,12 +351,17 @@ class _TrainingRun:
     # ---- checkpoints, evaluation -----------------------------------------------------------------
 
     def save(self) -> Path | None:
+        """Write ``iter_N.pth`` (once per iteration) and point ``latest.pth`` at it; returns its path."""
         if not self.is_main:
             return None
         it = self.state.iteration
+        if self._saved_at == it:
+            return self.run_dir / f"iter_{it}.pth"
         try:
-            return write_checkpoint(self.run_dir, it, training_state_dict(self.state, self.config_yaml),
+            path = write_checkpoint(self.run_dir, it, training_state_dict(self.state, self.config_yaml),
                                     self.cfg.train.keep_last)
+            self._saved_at = it
+            return path
         except OSError as e:
             last = list_checkpoints(self.run_dir)
             kept = f"the previous checkpoint {last[-1][1]} is intact" if last else "no earlier checkpoint exists"
@@ -325,18 +369,24 @@ class _TrainingRun:
                 f"{self.run_dir / f'iter_{it}.pth'}: writing the checkpoint failed ({e}); {kept}. Free disk "
                 "space or fix the folder's permissions, then continue with --resume.") from e
 
-    def evaluate(self) -> None:
+    def evaluate(self) -> bool:
+        """Evaluate the student on the validation split; True when its mIoU is the best so far."""
         from dida.engine.evaluate import evaluate
 
-        cfg = self.cfg
+        cfg, it = self.cfg, self.state.iteration
+        improved = False
         if self.is_main:
             metrics = evaluate(self.state.student, self.val_set, device=self.device, mode=cfg.eval.mode,
                                crop_size=tuple(cfg.eval.crop_size), stride=tuple(cfg.eval.stride),
                                amp=cfg.train.amp, num_classes=cfg.model.num_classes, progress=False,
                                max_images=cfg.eval.max_images)
-            self.writer.log_eval(self.state.iteration, metrics, self.run_dir, class_names(cfg.model.num_classes))
+            self.writer.log_eval(it, metrics, self.run_dir, class_names(cfg.model.num_classes))
+            miou = float(metrics["mIoU"])
+            if miou == miou and (self.best is None or miou > self.best[0]):
+                self.best, improved = (miou, it), True
         dist_utils.barrier()
         self.state.student.train()
+        return improved
 
     # ---- one iteration ---------------------------------------------------------------------------
 
@@ -428,14 +478,22 @@ class _TrainingRun:
 
     def loop(self) -> None:
         t = self.cfg.train
+        if self.state.iteration >= t.max_iters:
+            self.writer.line(f"{self.run_dir}: this run already finished its {t.max_iters} iterations; nothing "
+                             "to do (raise train.max_iters to continue it)." + self._best_line())
+            self.writer.close()
+            return
         sums: dict[str, torch.Tensor] = {}
-        n_logged = 0
+        first, n_logged, data_seconds, t_start = self.state.iteration, 0, 0.0, time.perf_counter()
+        t_interval = t_start
         data_iter = iter(self.loader)
         self.state.student.train()
         with self.stop.installed():
             try:
                 while self.state.iteration < t.max_iters:
+                    t_data = time.perf_counter()
                     batch = self.next_batch(data_iter)
+                    data_seconds += time.perf_counter() - t_data
                     out, lr = self.run_step(batch)
                     self.apply_gradients(out.losses)
                     self.state.iteration += 1
@@ -444,23 +502,62 @@ class _TrainingRun:
                         sums[k] = sums.get(k, 0) + v.detach().float()
                     n_logged += 1
                     if self.is_main and t.log_interval and (it % t.log_interval == 0 or it == t.max_iters):
-                        self.writer.log(it, {"lr": lr, **{k: float(v) / n_logged for k, v in sums.items()}})
-                        sums, n_logged = {}, 0
+                        values = {"lr": lr, **{k: float(v) / n_logged for k, v in sums.items()}}  # one sync
+                        now = time.perf_counter()
+                        timing = {"time/iter": (now - t_interval) / n_logged, "time/data": data_seconds / n_logged,
+                                  "mem/peak_gib": peak_memory_gib(self.device)}
+                        self.writer.log(it, values, timing=timing)
+                        sums, n_logged, data_seconds, t_interval = {}, 0, 0.0, now
                     if out.debug:
                         self.visualizer(it - 1, out.debug)
                     self._after_iteration(it)
+                self.writer.line(f"Finished at iteration {t.max_iters} ({t.max_iters - first} iterations in "
+                                 f"{_format_duration(time.perf_counter() - t_start)})." + self._best_line())
             finally:
                 self.writer.close()
 
+    def _best_line(self) -> str:
+        last = f" Last checkpoint: {self.run_dir / 'latest.pth'}."
+        if self.best is None:
+            return last
+        where = self.run_dir / "best.pth" if self.cfg.train.keep_best else f"iteration {self.best[1]}"
+        return f" Best mIoU {100 * self.best[0]:.2f} at iteration {self.best[1]} ({where}).{last}"
+
     def _after_iteration(self, it: int) -> None:
         t = self.cfg.train
+        improved = False
         if t.eval_interval and (it % t.eval_interval == 0 or it == t.max_iters):
-            self.evaluate()
-        if (t.checkpoint_interval and it % t.checkpoint_interval == 0) or it == t.max_iters:
-            self.save()
-        if self.stop.requested:
+            improved = self.evaluate()
+        if (t.checkpoint_interval and it % t.checkpoint_interval == 0) or it == t.max_iters or (
+                improved and t.keep_best) or self.stop.requested:
             path = self.save()
+            if improved and t.keep_best and path is not None:
+                link_checkpoint(path, self.run_dir / "best.pth")
+        if self.stop.requested:
             if self.is_main:
-                print(f"Stopped by {self.stop.requested} after iteration {it}; checkpoint {path}. "
-                      f"Continue with `dida train --resume {self.run_dir}`.", file=sys.stderr, flush=True)
+                print(f"Stopped by {self.stop.requested} after iteration {it}; checkpoint "
+                      f"{self.run_dir / f'iter_{it}.pth'}. Continue with `dida train --resume {self.run_dir}`.",
+                      file=sys.stderr, flush=True)
             raise KeyboardInterrupt
+
+
+def _best_eval(path: Path) -> tuple[float, int] | None:
+    """(mIoU, iteration) of the best evaluation recorded in ``eval.jsonl``, or None."""
+    import json
+
+    best = None
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                miou, it = float(row["mIoU"]), int(row["iter"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if miou == miou and (best is None or miou > best[0]):
+                best = (miou, it)
+    return best
+
+
+def _format_duration(seconds: float) -> str:
+    h, rem = divmod(int(seconds), 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
