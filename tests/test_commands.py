@@ -33,7 +33,7 @@ def _entries(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, str
 def test_every_subcommand_is_main_of_its_own_commands_module():
     entries = _entries(build_parser())
     assert set(entries) == {"train", "test", "infer", "convert", "bank build", "synth", "convert-checkpoint",
-                            "demo"}
+                            "demo", "weights", "export"}
     modules = [entry.split(":")[0] for entry in entries.values()]
     assert len(set(modules)) == len(modules)
     for entry in entries.values():

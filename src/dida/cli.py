@@ -39,8 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- test
     p = sub.add_parser("test", help="evaluate a checkpoint (mIoU) on the validation split")
-    p.add_argument("config", help="preset, YAML, or run directory (uses its config.yaml)")
-    p.add_argument("checkpoint", help="dida, mmcv DIDA/DAFormer checkpoint")
+    p.add_argument("config", help="preset, YAML, run directory or exported model folder (uses its config.yaml), "
+                                  "or the hf://ORG/REPO of an export")
+    p.add_argument("checkpoint", nargs="?",
+                   help="dida or mmcv DIDA/DAFormer checkpoint, exported folder, or hf://ORG/REPO[/FILE][@REV] "
+                        "(default: CONFIG's own: an exported folder, an hf:// export, RUN_DIR/latest.pth)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.val.split=val")
     p.add_argument("--which", choices=("model", "ema_model"), default="model", help="student or EMA teacher")
     p.add_argument("--data-root", help="override data.val.root")
@@ -56,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- infer
     p = sub.add_parser("infer", help="predict on your own images (overlays + label maps)")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="checkpoint file, exported folder, or hf://ORG/REPO[/FILE][@REV]")
     p.add_argument("inputs", help="an image file or a folder of images")
     p.add_argument("--out", default="predictions", help="output folder")
     p.add_argument("--opacity", type=float, default=0.5, help="palette opacity of the overlay")
@@ -112,6 +115,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--allow-pickle", action="store_true", help="trust the input (unsafe unpickling)")
     p.set_defaults(_entry="dida.commands.convert_checkpoint:main")
+
+    # ---- weights
+    p = sub.add_parser("weights", help="the model zoo: list known weights, fetch them, verify a file")
+    p.set_defaults(_entry="dida.commands.weights:main")
+    w_sub = p.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
+    w_sub.add_parser("list", help="known weights: where they live, reported mIoU, the preset evaluating them")
+    w = w_sub.add_parser("get", help="download NAME (or an hf:// reference) into the Hugging Face cache, or print "
+                                     "where to download it by hand (exit status 1)")
+    w.add_argument("name", help="a name of `dida weights list`, or hf://ORG/REPO[/FILE][@REV]")
+    w = w_sub.add_parser("verify", help="check a file placed by hand: sha256, safe loading, the model it holds")
+    w.add_argument("file", help="checkpoint file, exported folder or hf:// reference")
+    w.add_argument("--name", help="the zoo entry it should be (checks its sha256 and model)")
+    w.add_argument("--allow-pickle", action="store_true", help="trust the file (unsafe unpickling)")
+
+    # ---- export
+    p = sub.add_parser("export", help="write a Hub-ready model folder (safetensors, config, model card); upload it")
+    p.add_argument("source", help="run directory (its latest.pth and config.yaml) or a checkpoint file")
+    p.add_argument("--to", help="the folder to write")
+    p.add_argument("--to-hub", metavar="ORG/REPO", help="upload the folder to this Hub repository")
+    p.add_argument("--checkpoint", help="checkpoint of the run directory to export (default latest.pth)")
+    p.add_argument("--config", help="preset or YAML, for a checkpoint that holds no configuration")
+    p.add_argument("--metrics", help="dida test metrics.json for the model card (default RUN_DIR/test/metrics.json)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --to folder / upload to an existing Hub repository")
+    p.add_argument("--private", action="store_true", help="create the Hub repository private")
+    p.add_argument("--message", help="commit message of the upload")
+    p.add_argument("--allow-pickle", action="store_true", help="trust the checkpoint (unsafe unpickling)")
+    p.set_defaults(_entry="dida.commands.export:main")
 
     # ---- demo
     p = sub.add_parser("demo", help="the embedded default: synth data, train 3 methods, evaluate, report")

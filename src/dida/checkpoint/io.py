@@ -2,11 +2,14 @@
 
 Files are opened with ``torch.load(weights_only=True)``: a file that needs arbitrary Python objects is
 refused unless the user passes ``--allow-pickle``. ``.safetensors`` files go through ``safetensors``.
+``hf://`` references are first resolved to a local file by ``dida.hub.resolve`` (the Hub cache), and a
+folder written by ``dida export`` reads as a dida checkpoint (its models, config and iteration).
 Every write is atomic (temporary file + rename) and holds only values a safe load accepts.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -20,9 +23,13 @@ import torch
 
 from dida.checkpoint.formats import first
 from dida.errors import CheckpointError
+from dida.hub import EXPORT_CONFIG, EXPORT_META, export_files, file_sha256, is_export_folder, resolve
 from dida.io import atomic_torch_save
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "describe_source", "plain", "read_checkpoint", "save_checkpoint"]
+__all__ = [
+    "FORMAT_NAME", "FORMAT_VERSION", "describe_source", "plain", "read_checkpoint", "read_export_folder",
+    "save_checkpoint",
+]
 
 FORMAT_NAME = "dida"
 # 2: term state under "terms" (version 1 had "imnet_model" / "instance_bank" at the top level).
@@ -34,18 +41,26 @@ def describe_source(source: str | os.PathLike[str] | None) -> str:
 
 
 def read_checkpoint(path: str | os.PathLike[str], allow_pickle: bool = False) -> dict[str, Any]:
-    """Load a checkpoint file into a dict on the CPU, safely.
+    """Load a checkpoint file (or ``hf://`` reference, or export folder) into a dict on the CPU, safely.
 
-    ``.safetensors`` files go through ``safetensors.torch.load_file``; everything else through
-    ``torch.load(weights_only=not allow_pickle)``.
+    ``hf://`` references are downloaded into (or found in) the Hugging Face cache first; an export folder
+    reads as a dida checkpoint (``read_export_folder``). ``.safetensors`` files go through
+    ``safetensors.torch.load_file``; everything else through ``torch.load(weights_only=not allow_pickle)``.
 
     Raises:
         CheckpointError: missing file; a file that needs arbitrary Python objects (names the object and
-            the ``--allow-pickle`` flag); a truncated or non-checkpoint file; a file holding no dict.
+            the ``--allow-pickle`` flag); a truncated or non-checkpoint file; a file holding no dict; any
+            ``hf://`` problem (``dida.hub.HubError``, one line saying what to do).
     """
-    path = Path(path)
+    path = resolve(path)
+    if is_export_folder(path):
+        return read_export_folder(path, allow_pickle=allow_pickle)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found (no such file). Check the path.")
+        from dida.zoo import missing_file_hint
+
+        what = "is a folder, not a checkpoint file nor an exported model folder" if path.is_dir() else \
+            "checkpoint not found (no such file)"
+        raise CheckpointError(f"{path}: {what}. Check the path.{missing_file_hint(path)}")
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -92,6 +107,43 @@ def read_checkpoint(path: str | os.PathLike[str], allow_pickle: bool = False) ->
             f"{path}: holds a {type(obj).__name__}, not a dict of tensors; not a checkpoint dida can read."
         )
     return dict(obj)
+
+
+def read_export_folder(folder: str | os.PathLike[str], allow_pickle: bool = False) -> dict[str, Any]:
+    """A folder written by ``dida export``, as a dida checkpoint held in memory.
+
+    ``model`` / ``ema_model`` come from ``model.safetensors`` / ``ema_model.safetensors`` (None when the file
+    is absent), ``config`` from ``config.yaml``, ``iteration`` from ``dida_export.json``. Each weights file is
+    checked against the sha256 recorded in ``dida_export.json`` before it is read.
+
+    Raises:
+        CheckpointError: a weights file whose sha256 differs from the recorded one; an unreadable file.
+    """
+    folder = Path(folder)
+    meta: dict[str, Any] = {}
+    meta_path = folder / EXPORT_META
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{meta_path}: unreadable ({e}); export or download the folder again.") from None
+    recorded = meta.get("files") if isinstance(meta.get("files"), Mapping) else {}
+    out: dict[str, Any] = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "model": None, "ema_model": None, "terms": {},
+        "optimizer": None, "iteration": meta.get("iteration"), "config": (folder / EXPORT_CONFIG).read_text(),
+        "meta": {"source": str(folder), "export": {k: v for k, v in meta.items() if k != "files"}},
+    }
+    for which, file in export_files(folder).items():
+        expected = (recorded.get(file.name) or {}).get("sha256")
+        if isinstance(expected, str) and len(expected) == 64:
+            got = file_sha256(file)
+            if got != expected:
+                raise CheckpointError(
+                    f"{file}: sha256 {got[:12]}... differs from the {expected[:12]}... recorded in {EXPORT_META}: "
+                    "the file is corrupted or was replaced; refusing to load it. Export or download it again."
+                )
+        out[which] = read_checkpoint(file, allow_pickle=allow_pickle)
+    return out
 
 
 # ----------------------------------------------------------------------------------------- writing

@@ -22,11 +22,12 @@ def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
     """Build the model described by ``--config`` or by the checkpoint, and load its weights."""
     from dida.checkpoint import load_checkpoint, model_cfg_from_checkpoint, read_checkpoint
     from dida.config import ModelCfg, load_config
+    from dida.hub import resolve
     from dida.models import build_model
 
-    ckpt_path = str(args.checkpoint)
-    if not Path(ckpt_path).is_file():
-        raise CheckpointError(f"{ckpt_path}: no such checkpoint file.")
+    ckpt_path = str(resolve(args.checkpoint, which=args.which))  # hf:// -> the Hub cache
+    if not Path(ckpt_path).exists():
+        raise CheckpointError(f"{ckpt_path}: no such checkpoint file or exported model folder.")
     ckpt = read_checkpoint(ckpt_path, allow_pickle=args.allow_pickle)
     ckpt_cfg = model_cfg_from_checkpoint(ckpt)
     if args.config:

@@ -15,6 +15,7 @@ import numpy as np
 from dida.constants import class_names
 from dida.data.kinds import DATASET_KINDS
 from dida.errors import CheckpointError, ConfigError, DataError
+from dida.hub import is_export_folder, is_hub_ref, local_output_dir, resolve, resolve_config
 from dida.runtime import resolve_device
 
 __all__ = ["main", "metrics_to_json"]
@@ -86,7 +87,7 @@ def _load_config(args: argparse.Namespace) -> Any:
     """The configuration with the command-line options (``--data-root``, ``--mode``) applied."""
     from dida.config import load_config
 
-    cfg = load_config(args.config, list(args.overrides or ()))
+    cfg = load_config(resolve_config(args.config), list(args.overrides or ()))
     if args.data_root:
         cfg.data.val.root = args.data_root
     if args.mode:
@@ -94,6 +95,26 @@ def _load_config(args: argparse.Namespace) -> Any:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}.")
     return cfg
+
+
+def _checkpoint_ref(args: argparse.Namespace) -> str:
+    """CHECKPOINT; when omitted, CONFIG's own weights (an exported folder, an hf:// export, a run's latest.pth).
+
+    With CHECKPOINT omitted argparse takes the first override for it: it is moved back to the overrides.
+    """
+    ckpt = args.checkpoint
+    if ckpt is not None and "=" in ckpt and not is_hub_ref(ckpt) and not Path(ckpt).exists():
+        args.overrides, ckpt = [ckpt, *(args.overrides or ())], None
+    if ckpt is None:
+        if is_hub_ref(args.config) or is_export_folder(args.config):
+            return str(args.config)
+        if (Path(args.config) / "latest.pth").is_file():
+            return str(Path(args.config) / "latest.pth")
+        raise ConfigError(
+            f"dida test {args.config}: give the CHECKPOINT to evaluate (only an exported model folder, an "
+            "hf:// export or a run directory with latest.pth carries its own)."
+        )
+    return ckpt
 
 
 def _load_dataset(cfg: Any) -> Any:
@@ -148,12 +169,13 @@ def main(args: argparse.Namespace) -> int:
     from dida.engine.evaluate import PredictionWriter, evaluate
     from dida.models import build_model
 
+    ckpt_ref = _checkpoint_ref(args)
     cfg = _load_config(args)
     device = resolve_device(args.device)
 
-    ckpt_path = str(args.checkpoint)
-    if not Path(ckpt_path).is_file():
-        raise CheckpointError(f"{ckpt_path}: no such checkpoint file.")
+    ckpt_path = str(resolve(ckpt_ref, which=args.which))  # hf:// -> the Hub cache
+    if not Path(ckpt_path).exists():
+        raise CheckpointError(f"{ckpt_path}: no such checkpoint file or exported model folder.")
     ckpt = read_checkpoint(ckpt_path, allow_pickle=args.allow_pickle)
     _check_class_count(ckpt_path, ckpt, cfg.model.num_classes, cfg.data.val.kind)
 
@@ -164,7 +186,7 @@ def main(args: argparse.Namespace) -> int:
     load_checkpoint(model, ckpt, which=args.which, allow_pickle=args.allow_pickle)
     model.to(device)
 
-    out_dir = Path(args.out) if args.out else Path(ckpt_path).resolve().parent / "test"
+    out_dir = Path(args.out) if args.out else local_output_dir(ckpt_ref, Path(ckpt_path)) / "test"
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = None
     if args.save_preds:
