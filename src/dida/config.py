@@ -464,12 +464,23 @@ def _apply_override(cfg: Any, item: str) -> Any:
 
 def load_config(name_or_path: Optional[str] = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a validated ``Config``: defaults, base.yaml, the preset/YAML (and what it inherits), overrides."""
+    if name_or_path is None:
+        return _load_layers([], overrides)
+    text, source = resolve_config_source(name_or_path)
+    return _load_layers(_layers_for(text, source), overrides)
+
+
+def load_config_text(text: str, source: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """``load_config`` of YAML text held in memory (e.g. the resolved configuration saved in a checkpoint);
+    ``source`` names it in error messages."""
+    return _load_layers(_layers_for(text, source), overrides)
+
+
+def _load_layers(layers: list[tuple[dict[str, Any], str]], overrides: list[str] | tuple[str, ...]) -> Config:
     cfg = OmegaConf.structured(schema())
     cfg = _merge_layer(cfg, _read_yaml(_preset_text("base"), "base.yaml"), "base.yaml")
-    if name_or_path is not None:
-        text, source = resolve_config_source(name_or_path)
-        for data, src in _layers_for(text, source):
-            cfg = _merge_layer(cfg, data, src)
+    for data, src in layers:
+        cfg = _merge_layer(cfg, data, src)
     for item in overrides:
         cfg = _apply_override(cfg, item)
     try:
