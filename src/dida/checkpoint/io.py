@@ -34,7 +34,7 @@ def describe_source(source: str | os.PathLike[str] | None) -> str:
 
 
 def read_checkpoint(path: str | os.PathLike[str], allow_pickle: bool = False) -> dict[str, Any]:
-    """Load a checkpoint file into a dict on the CPU, safely.
+    """Load a checkpoint file (or a Hugging Face model folder's ``model.safetensors``) into a dict on the CPU.
 
     ``.safetensors`` files go through ``safetensors.torch.load_file``; everything else through
     ``torch.load(weights_only=not allow_pickle)``.
@@ -44,6 +44,8 @@ def read_checkpoint(path: str | os.PathLike[str], allow_pickle: bool = False) ->
             the ``--allow-pickle`` flag); a truncated or non-checkpoint file; a file holding no dict.
     """
     path = Path(path)
+    if path.is_dir() and (path / "model.safetensors").is_file():  # a Hugging Face model folder
+        path = path / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found (no such file). Check the path.")
     if path.suffix == ".safetensors":
