@@ -74,6 +74,17 @@ MODEL_HRDA = {
     # dida's choice: activation checkpointing off (a memory option, same numbers).
     "model.hrda.checkpoint_backbone": False,
 }
+MODEL_VIT = {
+    # dida's choices (foundation ViT backbones, not in the spec), read only for dinov2_* / dinov3_*: the named
+    # variant as published, four evenly spaced blocks into the pyramid, nothing frozen.
+    "model.vit.out_indices": None,
+    "model.vit.frozen_blocks": 0,
+    "model.vit.hidden_size": None,
+    "model.vit.num_layers": None,
+    "model.vit.num_heads": None,
+    "model.vit.patch_size": None,
+    "model.vit.image_size": None,
+}
 
 # Spec 2.5 pipelines / 2.4 numerics / 2.1 layouts and suffixes, per dataset.
 DATA_SOURCE = {
@@ -231,6 +242,8 @@ OPTIM = {
     "optim.power": 1.0,
     "optim.min_lr": 0.0,
     "optim.grad_clip": None,
+    # dida's choice (foundation backbones, not in the spec): no layer-wise lr decay, the reference's groups.
+    "optim.layer_decay": 1.0,
 }
 TRAIN = {
     # 7: "Iterations: 40,000"; "Checkpoints every iters//25 = 1600 iterations"; "Evaluation on CS val
@@ -273,7 +286,7 @@ RUN = {
 }
 
 GROUPS: dict[str, dict[str, Any]] = {
-    "model": MODEL, "model.hrda": MODEL_HRDA, "data.source": DATA_SOURCE, "data.target": DATA_TARGET, "data.val": DATA_VAL,
+    "model": MODEL, "model.hrda": MODEL_HRDA, "model.vit": MODEL_VIT, "data.source": DATA_SOURCE, "data.target": DATA_TARGET, "data.val": DATA_VAL,
     "data.rcs": DATA_RCS, "data.loader": DATA_LOADER, "uda": UDA, "uda.ema": UDA_EMA,
     "uda.feature_distance": UDA_FEATURE_DISTANCE, "uda.augment": UDA_AUGMENT, "uda.bank": UDA_BANK,
     "uda.dual_level": UDA_DUAL_LEVEL, "uda.mic": UDA_MIC, "optim": OPTIM, "train": TRAIN, "eval": EVAL, "run": RUN,

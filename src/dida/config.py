@@ -64,12 +64,36 @@ class HRDACfg:
 
 
 @dataclass
+class ViTCfg:
+    """Foundation-model ViT backbones (``dinov2_*``, ``dinov3_*`` through ``transformers``), read only for them.
+
+    Defaults: the named variant as published (``dida.models.foundation.VIT_VARIANTS``), the pyramid fed by four
+    evenly spaced blocks, every block trained. ``model.drop_path_rate`` is the stochastic depth of the last block
+    (linear from 0, as timm/BEiT).
+    """
+
+    # Blocks (1-based) whose outputs feed the pyramid levels at strides 4, 8, 16, 32; null: four evenly spaced
+    # blocks ending with the last (12 blocks: 3, 6, 9, 12), as BEiT / ViT-Adapter segmentation models do.
+    out_indices: Optional[list[int]] = None
+    # The patch embeddings and the first N blocks are frozen (requires_grad False: no gradient is computed
+    # below block N+1, no drop-path there); 0: everything trains (mmseg's frozen_stages convention).
+    frozen_blocks: int = 0
+    # Architecture overrides of the named variant (small test models, custom weights); null: the variant's.
+    hidden_size: Optional[int] = None
+    num_layers: Optional[int] = None
+    num_heads: Optional[int] = None
+    patch_size: Optional[int] = None
+    # Side in px of the pretraining position-embedding grid (DINOv2: 518 = 37 patches; RoPE models ignore it).
+    image_size: Optional[int] = None
+
+
+@dataclass
 class ModelCfg:
     """A segmentor on a backbone (tables in ``dida.models.registry``).
 
     ``segmentor`` and ``backbone`` name entries of ``SEGMENTORS`` / ``BACKBONES``; ``embed_dims`` /
-    ``num_heads`` / ``depths`` / ``drop_path_rate`` override a MiT variant; the decoder keys configure the
-    DAFormer head.
+    ``num_heads`` / ``depths`` / ``drop_path_rate`` override a MiT variant; ``vit`` configures the foundation
+    ViT backbones; the decoder keys configure the DAFormer head.
     """
 
     segmentor: str = "encoder_decoder"
@@ -82,10 +106,13 @@ class ModelCfg:
     aspp_dilations: list[int] = field(default_factory=lambda: [1, 6, 12, 18])
     dropout_ratio: float = 0.1
     num_classes: int = NUM_CLASSES
-    # ImageNet MiT weights (official .pth, HF .safetensors/.bin) for the student and the FD model.
+    # ImageNet MiT weights (official .pth, HF .safetensors/.bin) or a foundation model's Hugging Face weights
+    # (model.safetensors, or the folder holding it) for the student and the FD model.
     pretrained: Optional[str] = None
     # Only for segmentor == "hrda".
     hrda: HRDACfg = field(default_factory=HRDACfg)
+    # Only for the foundation ViT backbones (dinov2_*, dinov3_*).
+    vit: ViTCfg = field(default_factory=ViTCfg)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -266,6 +293,10 @@ class OptimCfg:
     power: float = 1.0
     min_lr: float = 0.0
     grad_clip: Optional[float] = None
+    # Layer-wise lr decay (BEiT): block i of L gets lr * layer_decay^(L + 1 - i), the patch embeddings
+    # layer_decay^(L + 1); the pyramid, the final norm and the head are not decayed. 1: off. Needs a backbone
+    # that numbers its layers (the foundation ViTs).
+    layer_decay: float = 1.0
 
 
 @dataclass
@@ -542,6 +573,17 @@ def _check_mic(cfg: Config) -> None:
                f"{m.block_size}-px blocks do not fit the crops {crops} (round(side / block) would be 0)")
 
 
+def _check_vit(v: ViTCfg) -> None:
+    """``model.vit``: ranges here; bounds that depend on the variant's depth are checked by its builder."""
+    idx = v.out_indices
+    _check(idx is None or (len(idx) == 4 and idx == sorted(idx) and idx[0] >= 1),
+           "model.vit.out_indices", f"four non-decreasing block numbers >= 1 (or null), got {idx}")
+    _check(v.frozen_blocks >= 0, "model.vit.frozen_blocks", f"must be >= 0, got {v.frozen_blocks}")
+    for key in ("hidden_size", "num_layers", "num_heads", "patch_size", "image_size"):
+        value = getattr(v, key)
+        _check(value is None or value >= 1, f"model.vit.{key}", f"must be >= 1 or null, got {value}")
+
+
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express. Raises ``ConfigError`` naming the key."""
     _check_names(cfg)
@@ -568,6 +610,8 @@ def validate(cfg: Config) -> None:
     _check_mic(cfg)
     _check(all(0 <= c < cfg.model.num_classes for c in u.feature_distance.classes),
            "uda.feature_distance.classes", f"class ids must be in [0, {cfg.model.num_classes})")
+    _check(0 < o.layer_decay <= 1, "optim.layer_decay", f"must be in (0, 1] (1: off), got {o.layer_decay}")
+    _check_vit(cfg.model.vit)
     _check(cfg.model.num_classes >= 1, "model.num_classes", "must be >= 1")
     _check(0 <= cfg.model.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
     _check(d.batch_size >= 1, "data.batch_size", "must be >= 1")

@@ -41,7 +41,7 @@ def test_optimizer_groups_and_lrs():
             self.decode_head = torch.nn.Linear(2, 2)
 
     opt = build_optimizer(M().named_parameters(), lr=6e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-                          head_lr_mult=10.0, norm_decay_mult=0.0)
+                          head_lr_mult=10.0, norm_decay_mult=0.0, layer_decay=1.0, backbone=None)
     got = sorted((round(g["base_lr"], 12), g["weight_decay"], len(g["params"])) for g in opt.param_groups)
     assert got == [(6e-5, 0.0, 2), (6e-5, 0.01, 2), (6e-4, 0.01, 2)]
     lr = set_learning_rates(opt, 1500, **SCHED)

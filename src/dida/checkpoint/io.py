@@ -41,7 +41,8 @@ def describe_source(source: str | os.PathLike[str] | None) -> str:
 
 
 def read_checkpoint(path: str | os.PathLike[str], allow_pickle: bool = False) -> dict[str, Any]:
-    """Load a checkpoint file (or ``hf://`` reference, or export folder) into a dict on the CPU, safely.
+    """Load a checkpoint file (an ``hf://`` reference, a dida export folder, or a Hugging Face model folder's
+    ``model.safetensors``) into a dict on the CPU, safely.
 
     ``hf://`` references are downloaded into (or found in) the Hugging Face cache first; an export folder
     reads as a dida checkpoint (``read_export_folder``). ``.safetensors`` files go through
@@ -55,6 +56,8 @@ def read_checkpoint(path: str | os.PathLike[str], allow_pickle: bool = False) ->
     path = resolve(path)
     if is_export_folder(path):
         return read_export_folder(path, allow_pickle=allow_pickle)
+    if path.is_dir() and (path / "model.safetensors").is_file():  # a Hugging Face model folder
+        path = path / "model.safetensors"
     if not path.is_file():
         from dida.zoo import missing_file_hint
 

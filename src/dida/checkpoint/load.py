@@ -132,7 +132,11 @@ def _load_backbone_file(model: nn.Module, obj: Mapping[str, Any], source: str, i
         raise CheckpointError(f"{source}: {e}") from None
     info["dropped"] = dropped
     info["target"] = "backbone"
-    info["num_tensors"] = load_state_dict_strict(backbone_of(model), sd, source, f"the {label} backbone")
+    target = backbone_of(model)
+    # Parts the backbone adds to the published model (WeightFormat.new_prefixes) keep their initialisation.
+    kept = {k: v for k, v in target.state_dict().items() if k.startswith(fmt.new_prefixes) and k not in sd}
+    info["kept"] = sorted(kept)
+    info["num_tensors"] = load_state_dict_strict(target, {**kept, **sd}, source, f"the {label} backbone") - len(kept)
     log.info("loaded %d backbone tensors from %s (%s; dropped %d)", info["num_tensors"], source, label,
              len(dropped))
 

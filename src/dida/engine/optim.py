@@ -5,6 +5,12 @@ longest key first (ties alphabetical), first match wins: ``head`` -> lr x10 (eve
 parameter, its BatchNorm included, keeps weight decay), ``norm`` -> weight decay x0 (all backbone
 LayerNorms). The reference builds one group per parameter; grouping parameters with equal settings
 gives identical updates.
+
+Foundation ViTs add two rules (keys that no MiT / DAFormer-head name contains, so the reference's groups are
+unchanged): their CLS / register / mask tokens and position embeddings get no weight decay (BEiT, DINOv2
+fine-tuning), and ``layer_decay`` < 1 scales each backbone parameter's lr by ``layer_decay ** (L + 1 - id)``
+with ``id = backbone.layer_id(name)`` (BEiT's layer-wise decay: patch embeddings 0, block i -> i, the rest
+L + 1, i.e. not decayed; parameters outside the backbone, the head, are not decayed either).
 """
 
 from __future__ import annotations
@@ -14,14 +20,34 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+# Substrings (mmcv custom_keys) -> (lr_mult, decay_mult) besides the head/norm rules.
+_NO_DECAY_KEYS = ("pos_block", "cls_token", "register_tokens", "mask_token", "position_embeddings")
+
 
 def param_group_settings(name: str, *, head_lr_mult: float, norm_decay_mult: float) -> tuple[float, float]:
     """Return ``(lr_mult, decay_mult)`` for one parameter name, mmcv ``custom_keys`` semantics."""
-    custom = {"pos_block": (1.0, 0.0), "head": (head_lr_mult, 1.0), "norm": (1.0, norm_decay_mult)}
+    custom = {**dict.fromkeys(_NO_DECAY_KEYS, (1.0, 0.0)), "head": (head_lr_mult, 1.0),
+              "norm": (1.0, norm_decay_mult)}
     for key in sorted(sorted(custom), key=len, reverse=True):
         if key in name:
             return custom[key]
     return 1.0, 1.0
+
+
+def layer_lr_scales(backbone: nn.Module | None, layer_decay: float) -> dict[int, float]:
+    """``id(parameter) -> layer_decay ** (L + 1 - backbone.layer_id(name))`` ({} when ``layer_decay`` is 1).
+
+    Raises:
+        ValueError: ``layer_decay`` < 1 with a backbone that does not number its layers.
+    """
+    if layer_decay == 1.0:
+        return {}
+    layer_id = getattr(backbone, "layer_id", None)
+    num_layers = getattr(backbone, "num_layers", None)
+    if backbone is None or not callable(layer_id) or not isinstance(num_layers, int):
+        raise ValueError(f"optim.layer_decay={layer_decay} needs a backbone that numbers its layers "
+                         f"(layer_id, num_layers: the foundation ViTs); {type(backbone).__name__} does not")
+    return {id(p): layer_decay ** (num_layers + 1 - layer_id(n)) for n, p in backbone.named_parameters()}
 
 
 def build_optimizer(
@@ -33,16 +59,20 @@ def build_optimizer(
     weight_decay: float,
     head_lr_mult: float,
     norm_decay_mult: float,
+    layer_decay: float,
+    backbone: nn.Module | None,
 ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, grouped by (lr_mult, decay_mult); ``base_lr`` kept per group."""
+    """AdamW over the trainable parameters, grouped by (lr_mult, decay_mult); ``base_lr`` and ``lr_mult``
+    kept per group. ``backbone`` (the module holding some of ``named_params``) is read for ``layer_decay``."""
+    scales = layer_lr_scales(backbone, layer_decay)
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in named_params:
         if not p.requires_grad:
             continue
-        key = param_group_settings(name, head_lr_mult=head_lr_mult, norm_decay_mult=norm_decay_mult)
-        groups.setdefault(key, []).append(p)
+        lm, dm = param_group_settings(name, head_lr_mult=head_lr_mult, norm_decay_mult=norm_decay_mult)
+        groups.setdefault((lm * scales.get(id(p), 1.0), dm), []).append(p)
     param_groups = [
-        {"params": ps, "lr": lr * lm, "base_lr": lr * lm, "weight_decay": weight_decay * dm}
+        {"params": ps, "lr": lr * lm, "base_lr": lr * lm, "lr_mult": lm, "weight_decay": weight_decay * dm}
         for (lm, dm), ps in sorted(groups.items())
     ]
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
@@ -72,9 +102,12 @@ def poly_warmup_lr(
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, it: int, **schedule: float) -> float:
-    """Set every group's lr for iteration ``it``; returns the lr of the group with multiplier 1."""
-    lrs = []
+    """Set every group's lr for iteration ``it``; returns the lr of the group with multiplier 1 (the
+    smallest lr when no group has one, e.g. an optimizer state written before ``lr_mult`` was stored)."""
+    lrs, base = [], []
     for g in optimizer.param_groups:
         g["lr"] = poly_warmup_lr(g["base_lr"], it, **schedule)  # type: ignore[arg-type]
         lrs.append(g["lr"])
-    return min(lrs)
+        if g.get("lr_mult") == 1.0:
+            base.append(g["lr"])
+    return min(base or lrs)

@@ -207,6 +207,7 @@ def build_training_state(cfg: Config, device: torch.device) -> TrainingState:
     optimizer = build_optimizer(
         student.named_parameters(), lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps,
         weight_decay=o.weight_decay, head_lr_mult=o.head_lr_mult, norm_decay_mult=o.norm_decay_mult,
+        layer_decay=o.layer_decay, backbone=student.backbone,
     )
     scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
     return TrainingState(student=student, teacher=teacher, terms=terms, optimizer=optimizer, scaler=scaler,

@@ -45,12 +45,16 @@ class WeightFormat:
             when ``state_dict`` (unwrapped, ``module.`` stripped) is such a file.
         convert: ``convert(state_dict) -> (backbone state dict, dropped keys)`` in the backbone's names.
         infer_fields: ``infer_fields(backbone state dict) -> ModelCfg fields`` ({} if not this family).
+        new_prefixes: backbone key prefixes that the published files never hold (parts the backbone adds,
+            e.g. a foundation ViT's feature pyramid): loading keeps their initialisation, every other key
+            must match.
     """
 
     name: str
     detect: Callable[[Mapping[str, Any]], str | None]
     convert: Callable[[Mapping[str, torch.Tensor]], tuple[StateDict, list[str]]]
     infer_fields: Callable[[Mapping[str, torch.Tensor]], dict[str, Any]]
+    new_prefixes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,12 +89,37 @@ def _mit_format() -> WeightFormat:
                         mit_weights.infer_mit_fields)
 
 
+# ------------------------------------------------------------------- foundation ViTs (DINOv2, DINOv3)
+
+
+def _build_foundation_vit(cfg: ModelCfg) -> nn.Module:
+    from dida.models.foundation import build_foundation_vit
+
+    return build_foundation_vit(cfg)
+
+
+def _foundation_entries() -> dict[str, BackboneEntry]:
+    from dida.models import foundation_weights as fw
+    from dida.models.foundation import VIT_VARIANTS
+
+    formats = {
+        "dinov2": WeightFormat("dinov2", fw.detect_dinov2_weights, fw.dinov2_weights_to_backbone,
+                               fw.infer_foundation_fields, new_prefixes=(fw.PYRAMID_PREFIX,)),
+        "dinov3": WeightFormat("dinov3", fw.detect_dinov3_weights, fw.dinov3_weights_to_backbone,
+                               fw.infer_foundation_fields, new_prefixes=(fw.PYRAMID_PREFIX,)),
+    }
+    return {name: BackboneEntry(_build_foundation_vit, formats[v.family],
+                                f"{v.hub} through transformers + simple feature pyramid (needs dida[hf])")
+            for name, v in VIT_VARIANTS.items()}
+
+
 # --------------------------------------------------------------------------------- the tables
 
 MIT_WEIGHTS = _mit_format()
 
 BACKBONES: dict[str, BackboneEntry] = {
-    f"mit_b{i}": BackboneEntry(_build_mit, MIT_WEIGHTS, f"Mix Transformer (SegFormer) B{i}") for i in range(6)
+    **{f"mit_b{i}": BackboneEntry(_build_mit, MIT_WEIGHTS, f"Mix Transformer (SegFormer) B{i}") for i in range(6)},
+    **_foundation_entries(),
 }
 
 
