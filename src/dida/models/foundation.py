@@ -219,7 +219,7 @@ class FoundationViT(nn.Module):
         self.strides = PYRAMID_STRIDES
         self.frozen_blocks = int(frozen_blocks)
         blocks = self.blocks
-        rates = torch.linspace(0, drop_path_rate, variant.num_layers).tolist()  # timm's schedule
+        rates = torch.linspace(0, drop_path_rate, variant.num_layers, device="cpu").tolist()  # timm's schedule
         rates[: self.frozen_blocks] = [0.0] * self.frozen_blocks
         for block, rate in zip(blocks, rates):
             # dida's DropPath: per-block rates, and the EMA teacher recognises it (drop-path off).
