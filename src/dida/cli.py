@@ -22,10 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
     from dida.commands.bank import bank_kinds
     from dida.data.kinds import convertible_kinds
 
+    from dida import __version__
+
     parser = argparse.ArgumentParser(
         prog="dida",
-        description="Unsupervised domain-adaptive semantic segmentation: DIDA and DAFormer in plain PyTorch.",
+        description="Unsupervised domain-adaptive semantic segmentation in plain PyTorch: DAFormer, DIDA, HRDA, "
+                    "MIC and foundation backbones, alone or combined.",
     )
+    parser.add_argument("--version", action="version", version=f"dida {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     # ---- train

@@ -428,8 +428,9 @@ def _translate_legacy(data: dict[str, Any], source: str) -> dict[str, Any]:
 
 def _merge_layer(cfg: Any, data: dict[str, Any], source: str) -> Any:
     data = _translate_legacy(dict(data), source)
-    # A preset may name another preset to start from.
+    # A preset may name another preset to start from, and describe itself in one line (--list-presets).
     data.pop("inherit", None)
+    data.pop("description", None)
     try:
         return OmegaConf.merge(cfg, OmegaConf.create(data))
     except OmegaConfBaseException as e:
@@ -638,6 +639,95 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 
+def preset_descriptions() -> dict[str, str]:
+    """Each preset's one-line ``description`` (empty when it has none), for ``dida train --list-presets``."""
+    out = {}
+    for name in preset_names():
+        data = _read_yaml(_preset_text(name), f"preset '{name}'")
+        out[name] = str(data.get("description", "")).strip()
+    return out
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The comment of each field of a config dataclass: the comment lines right above it and its trailing one."""
+    import inspect
+    import io
+    import tokenize
+
+    source = inspect.getsource(cls)
+    trailing: dict[int, str] = {}
+    full_line: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            (full_line if tok.line.strip().startswith("#") else trailing)[tok.start[0]] = text
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, str] = {}
+    above: list[str] = []
+    for number, line in enumerate(source.splitlines(), start=1):
+        if number in full_line:
+            above.append(full_line[number])
+            continue
+        name = line.strip().split(":", 1)[0].strip()
+        if name in names and ":" in line:
+            out[name] = " ".join([*above, trailing.get(number, "")]).strip()
+        above = []
+    return out
+
+
+def _allowed(tp: Any) -> str:
+    """The allowed values of a field's type, for the help text."""
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return " | ".join(str(a) for a in args)
+    if origin is typing.Union and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return f"{_allowed(inner[0]) if len(inner) == 1 else 'value'} | null"
+    if tp is bool:
+        return "true | false"
+    if origin is list:
+        return f"list of {getattr(args[0], '__name__', 'values')}" if args else "list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _table_names(cls: type, name: str) -> str | None:
+    """Fields whose values are entries of a table: the table's names."""
+    if cls is ModelCfg and name in ("segmentor", "backbone"):
+        from dida.models.registry import BACKBONES, SEGMENTORS
+
+        return " | ".join(SEGMENTORS if name == "segmentor" else BACKBONES)
+    if cls is DatasetCfg and name == "kind":
+        from dida.data.kinds import DATASET_KINDS
+
+        return " | ".join(DATASET_KINDS)
+    return None
+
+
+def _describe(cls: type, obj: Any, indent: int, lines: list[str]) -> None:
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        value = getattr(obj, f.name)
+        pad = "  " * indent
+        if dataclasses.is_dataclass(value):
+            doc = (type(value).__doc__ or "").strip().splitlines()
+            lines.append(f"{pad}{f.name}:" + (f"  # {doc[0]}" if doc else ""))
+            _describe(type(value), value, indent + 1, lines)
+            continue
+        shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        note = comments.get(f.name, "")
+        allowed = _table_names(cls, f.name) or _allowed(hints[f.name])
+        lines.append(f"{pad}{f.name}: {shown}  # [{allowed}] {note}".rstrip())
+
+
 def describe_schema() -> str:
-    """The full default configuration, for ``dida train --help-config``."""
-    return to_yaml(load_config())
+    """Every key with its default, allowed values and a description, for ``dida train --help-config``."""
+    cfg = load_config()
+    lines = ["# Every configuration key: default  # [allowed values] description. Set any key on the command line",
+             "# as section.key=value (e.g. train.max_iters=1000) or in a YAML file that may `inherit:` a preset."]
+    _describe(type(cfg), cfg, 0, lines)
+    return "\n".join(lines)

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from dida.config import describe_schema, load_config, preset_names
+from dida.config import describe_schema, load_config, preset_descriptions
 from dida.engine.train import train
 from dida.errors import ConfigError, DidaError
 
@@ -15,7 +15,9 @@ __all__ = ["main"]
 
 def main(args: argparse.Namespace) -> int:
     if args.list_presets:
-        print("\n".join(preset_names()))
+        presets = preset_descriptions()
+        width = max(len(name) for name in presets)
+        print("\n".join(f"{name:<{width}}  {text}".rstrip() for name, text in presets.items()))
         return 0
     if args.help_config:
         print(describe_schema())
