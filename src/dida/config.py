@@ -649,12 +649,24 @@ def preset_descriptions() -> dict[str, str]:
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    """The comment of each field of a config dataclass: the comment lines right above it and its trailing one."""
+    """The comment of each field of a config dataclass: the comment lines right above it and its trailing one
+    (from the class that declares the field; classes made at run time, e.g. ``schema()``'s, have no source)."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            out.update(_own_field_comments(klass))
+    return out
+
+
+def _own_field_comments(cls: type) -> dict[str, str]:
     import inspect
     import io
     import tokenize
 
-    source = inspect.getsource(cls)
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
     trailing: dict[int, str] = {}
     full_line: dict[int, str] = {}
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
