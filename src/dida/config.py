@@ -80,8 +80,11 @@ class ViTCfg:
     frozen_blocks: int = 0
     # Architecture overrides of the named variant (small test models, custom weights); null: the variant's.
     hidden_size: Optional[int] = None
+    # Override: transformer blocks; null: the variant's.
     num_layers: Optional[int] = None
+    # Override: attention heads; null: the variant's.
     num_heads: Optional[int] = None
+    # Override: patch side in px; null: the variant's.
     patch_size: Optional[int] = None
     # Side in px of the pretraining position-embedding grid (DINOv2: 518 = 37 patches; RoPE models ignore it).
     image_size: Optional[int] = None
@@ -96,15 +99,27 @@ class ModelCfg:
     ViT backbones; the decoder keys configure the DAFormer head.
     """
 
+    # The segmentor (dida.models.registry.SEGMENTORS): encoder_decoder = backbone + DAFormer head; hrda = HRDA's
+    # multi-resolution model.
     segmentor: str = "encoder_decoder"
+    # The backbone (dida.models.registry.BACKBONES): MiT b0-b5, or a DINOv2 / DINOv3 ViT through transformers.
     backbone: str = "mit_b5"
+    # MiT overrides of the variant's stage widths, head counts and depths (custom or tiny models); null: the
+    # variant's.
     embed_dims: Optional[list[int]] = None
+    # MiT override: attention heads per stage; null: the variant's.
     num_heads: Optional[list[int]] = None
+    # MiT override: transformer blocks per stage; null: the variant's.
     depths: Optional[list[int]] = None
+    # Stochastic depth of the backbone, linear over all blocks (the reference's 0.1).
     drop_path_rate: float = 0.1
+    # Channels of the DAFormer head's embeddings and fusion (the DIDA embedding's width).
     decoder_channels: int = 256
+    # Dilations of the head's depthwise-separable ASPP fusion.
     aspp_dilations: list[int] = field(default_factory=lambda: [1, 6, 12, 18])
+    # Dropout2d before the classifier.
     dropout_ratio: float = 0.1
+    # Output classes (19 Cityscapes train ids).
     num_classes: int = NUM_CLASSES
     # ImageNet MiT weights (official .pth, HF .safetensors/.bin) or a foundation model's Hugging Face weights
     # (model.safetensors, or the folder holding it) for the student and the FD model.
@@ -138,9 +153,13 @@ class DatasetCfg:
 
 @dataclass
 class RareClassSamplingCfg:
+    # Rare class sampling of the source (DAFormer's RCS): rarer classes are drawn more often.
     enabled: bool = True
+    # Its temperature T: p(c) ~ exp((1 - f_c) / T); smaller favours rare classes more.
     temperature: float = 0.01
+    # A class counts in an image when it covers more than this many pixels (at the original size).
     min_pixels: int = 3000
+    # A crop is accepted when it holds more than min_pixels * min_crop_ratio pixels of the class (10 retries).
     min_crop_ratio: float = 0.5
     # Default: <source root>/sample_class_stats.json and samples_with_class.json written by `dida convert`.
     stats_dir: Optional[str] = None
@@ -156,8 +175,11 @@ class DataCfg:
         default_factory=lambda: DatasetCfg(kind="cityscapes", split="val", flip_prob=0.0)
     )
     rcs: RareClassSamplingCfg = field(default_factory=RareClassSamplingCfg)
+    # Images per domain per process (the reference: 2 source + 2 target).
     batch_size: int = 2
+    # Data-loader worker processes (results do not depend on it).
     num_workers: int = 4
+    # Pinned host memory for faster copies to a GPU.
     pin_memory: bool = True
     # Corrupt samples are logged and replaced; more than this many stops the run with the list of files.
     max_bad_samples: int = 20
@@ -168,6 +190,7 @@ class DataCfg:
 
 @dataclass
 class EMACfg:
+    # The teacher's EMA momentum cap: alpha_t = min(1 - 1/(t+1), alpha).
     alpha: float = 0.999
     # Reference: the teacher's BatchNorm runs in train mode (target-batch statistics).
     teacher_bn_eval: bool = False
@@ -179,9 +202,13 @@ class EMACfg:
 class FeatureDistanceCfg:
     """DAFormer's ImageNet feature distance on thing classes (a training term, spec 5)."""
 
+    # The ImageNet feature distance term (DAFormer).
     enabled: bool = True
+    # Its loss weight.
     weight: float = 0.005
+    # Classes whose cells are pulled towards the ImageNet features (the thing classes).
     classes: list[int] = field(default_factory=lambda: list(THING_CLASSES))
+    # A cell of the last feature map counts when its majority class covers at least this fraction.
     scale_min_ratio: float = 0.75
     # The reference logs NaN (and adds no gradient) when no thing cell is present; "zero" logs 0.
     empty_mask: Literal["zero", "nan"] = "zero"
@@ -189,8 +216,11 @@ class FeatureDistanceCfg:
 
 @dataclass
 class AugmentCfg:
+    # Colour jitter strength s (brightness, contrast, saturation, hue) of the strong augmentation.
     color_jitter_strength: float = 0.2
+    # Jitter runs when a uniform draw exceeds this (once per iteration for the batch).
     color_jitter_prob: float = 0.2
+    # Gaussian blur (sigma U(0.15, 1.15)) when a uniform draw exceeds 0.5.
     blur: bool = True
 
 
@@ -198,11 +228,14 @@ class AugmentCfg:
 class BankCfg:
     """DIDA's instance bank (spec 6.2-6.3)."""
 
+    # from_file: the npz files below (the reference's or `dida bank build`'s); random: unit vectors.
     init: Literal["from_file", "random"] = "from_file"
     features_path: Optional[str] = None  # f_buffer_s.npz
     labels_path: Optional[str] = None  # l_buffer_s.npz
     size: int = 300  # only for init == "random"
+    # EMA momentum of the bank entries towards the source class means.
     momentum: float = 0.999
+    # Update the bank every this many iterations (iteration 0 included).
     update_interval: int = 50
     # Reference quirk: positions gathered over the whole batch, features read from image 0.
     # "per_image" averages each image's own features over its own positions.
@@ -216,8 +249,11 @@ class DualLevelCfg:
     """DIDA's dual-level interaction: the instance bank (``uda.bank``) and the calibrated instance loss
     (a training term, spec 6.4-6.7)."""
 
+    # DIDA's dual-level term (instance bank, calibrated instance loss).
     enabled: bool = False
+    # Weight of the instance loss.
     instance_weight: float = 0.5
+    # Calibrated ('gather') target: teacher similarity times the student's logit of the entry's class.
     calibrate: bool = True
     # 1.0 (reference) disables the "scatter" refinement of the semantic pseudo-labels.
     a_smooth: float = 1.0
@@ -232,6 +268,7 @@ class DualLevelCfg:
 class MICCfg:
     """MIC's masked image consistency (a training term, hrda_mic.md 4). Defaults: the MIC(HRDA) presets."""
 
+    # MIC's masked image consistency term.
     enabled: bool = False
     # Masked images (spec 4.3): separatetrg = target + pseudo-labels (GTA/SYN->CS presets); separatesrc = source
     # (needs no teacher); separate = [source 0, target 0] (Q15: batch 2 only). "...aug": jitter + blur first.
@@ -262,9 +299,13 @@ class UDACfg:
     with the feature distance; DIDA adds ``dual_level.enabled``.
     """
 
+    # DACS self-training (EMA teacher, pseudo-labels, ClassMix, mixed loss); false: source only.
     self_training: bool = True
+    # A target pixel is confident when its teacher probability is >= this; the weight is the confident fraction.
     pseudo_threshold: float = 0.968
+    # Target rows at the top whose pseudo-label weight is zeroed (rectification artefacts).
     pseudo_weight_ignore_top: int = 15
+    # Target rows at the bottom whose pseudo-label weight is zeroed (the ego vehicle).
     pseudo_weight_ignore_bottom: int = 120
     # Reference quirk: each image draws its mix classes from the union of the whole batch's labels
     # (255 included). "per_image" draws from the image's own classes without 255.
@@ -282,16 +323,27 @@ class UDACfg:
 
 @dataclass
 class OptimCfg:
+    # AdamW learning rate of the backbone (the head gets head_lr_mult times it).
     lr: float = 6e-5
+    # AdamW betas.
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # AdamW epsilon.
     eps: float = 1e-8
+    # AdamW weight decay (norm layers get norm_decay_mult times it).
     weight_decay: float = 0.01
+    # Learning-rate multiplier of every parameter whose name contains 'head'.
     head_lr_mult: float = 10.0
+    # Weight-decay multiplier of norm layers.
     norm_decay_mult: float = 0.0
+    # Linear warm-up iterations (poly10warm).
     warmup_iters: int = 1500
+    # The warm-up starts at lr * warmup_ratio.
     warmup_ratio: float = 1e-6
+    # Poly decay power after the warm-up (1: linear to min_lr at max_iters).
     power: float = 1.0
+    # Learning rate reached at max_iters.
     min_lr: float = 0.0
+    # Clip the gradient norm to this; null: no clipping (the reference).
     grad_clip: Optional[float] = None
     # Layer-wise lr decay (BEiT): block i of L gets lr * layer_decay^(L + 1 - i), the patch embeddings
     # layer_decay^(L + 1); the pyramid, the final norm and the head are not decayed. 1: off. Needs a backbone
@@ -301,23 +353,32 @@ class OptimCfg:
 
 @dataclass
 class TrainCfg:
+    # Training iterations.
     max_iters: int = 40000
+    # Write iter_N.pth every this many iterations (0: only at the end).
     checkpoint_interval: int = 1600
+    # Evaluate on the validation split every this many iterations and at the end (0: never).
     eval_interval: int = 1600
+    # Log averaged losses, time and memory every this many iterations.
     log_interval: int = 50
+    # Write a debug image grid to run_dir/debug every this many iterations (0: never).
     debug_img_interval: int = 1000
     # Checkpoint files iter_N.pth kept (null: all); latest.pth always points at the newest.
     keep_last: Optional[int] = 1
     # Also keep the checkpoint of the best evaluation (mIoU) as best.pth (written when an evaluation improves).
     keep_best: bool = True
+    # Skip an iteration whose gradients are NaN/inf instead of stopping with a message.
     skip_nonfinite: bool = False
+    # Mixed precision of the forwards: off (float32), bf16 or fp16 (CUDA, with a gradient scaler).
     amp: Literal["off", "bf16", "fp16"] = "off"
+    # Student and batches in channels-last memory layout.
     channels_last: bool = False
     # torch.compile the student, the EMA teacher and the terms' frozen models (same numbers up to float rounding).
     compile: bool = False
     # Its backend and mode (torch.compile's `backend`, `mode`): inductor generates fused kernels; aot_eager
     # traces without code generation (fast to build, for checks).
     compile_backend: str = "inductor"
+    # torch.compile's mode; null: its default.
     compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None
 
 
@@ -332,9 +393,13 @@ class EvalCfg:
 
 @dataclass
 class RunCfg:
+    # The run directory (config.yaml, train.log, metrics.jsonl, eval.jsonl, checkpoints, debug images).
     dir: str = "work_dirs/run"
+    # Seed of the initialisation, data draws and augmentations (a run is reproducible from it).
     seed: int = 0
+    # torch.use_deterministic_algorithms and cudnn deterministic (slower on a GPU).
     deterministic: bool = False
+    # auto (a GPU when there is one), cpu, cuda or cuda:N.
     device: str = "auto"
 
 
