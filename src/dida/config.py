@@ -104,8 +104,7 @@ class ModelCfg:
     segmentor: str = "encoder_decoder"
     # The backbone (dida.models.registry.BACKBONES): MiT b0-b5, or a DINOv2 / DINOv3 ViT through transformers.
     backbone: str = "mit_b5"
-    # MiT overrides of the variant's stage widths, head counts and depths (custom or tiny models); null: the
-    # variant's.
+    # MiT override: stage widths (custom or tiny models); null: the variant's.
     embed_dims: Optional[list[int]] = None
     # MiT override: attention heads per stage; null: the variant's.
     num_heads: Optional[list[int]] = None
