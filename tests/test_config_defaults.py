@@ -102,6 +102,10 @@ DATA_SOURCE = {
     "data.source.label_dir": "labels",
     "data.source.img_suffix": ".png",
     "data.source.label_suffix": "_labelTrainIds.png",
+    # Off (DAFormer/DIDA have no margins, method.md 2.5); hrda_mic.md 2.3 "plcrop v2" sets them on the HRDA
+    # presets' target. Canvas: the reference's hard-coded 1024x2048 (quirk Q17 kept).
+    "data.source.pseudo_margins": None,
+    "data.source.pseudo_margins_canvas": "reference",
 }
 DATA_TARGET = {
     # 2.5: "Cityscapes target (train): Load -> LoadAnn -> Resize(1024,512) -> RandomCrop(512, cat_max_ratio
@@ -117,6 +121,8 @@ DATA_TARGET = {
     "data.target.label_dir": "labels",
     "data.target.img_suffix": ".png",
     "data.target.label_suffix": "_labelTrainIds.png",
+    "data.target.pseudo_margins": None,
+    "data.target.pseudo_margins_canvas": "reference",
 }
 DATA_VAL = {
     # 2.5: "Test/val (Cityscapes val): Load -> MultiScaleFlipAug(img_scale (1024,512), flip=False ...)".
@@ -132,6 +138,8 @@ DATA_VAL = {
     "data.val.label_dir": "labels",
     "data.val.img_suffix": ".png",
     "data.val.label_suffix": "_labelTrainIds.png",
+    "data.val.pseudo_margins": None,
+    "data.val.pseudo_margins_canvas": "reference",
 }
 DATA_RCS = {
     # 3: "rare_class_sampling = dict(min_pixels=3000, class_temp=0.01, min_crop_ratio=0.5), for both
@@ -275,6 +283,9 @@ EVAL = {
     "eval.crop_size": [512, 512],
     "eval.stride": [341, 341],
     "eval.max_images": None,
+    # Off: method.md 8 runs whole images; hrda_mic.md 1.7 (HRDA's test_cfg batched_slide=True) is set by the
+    # HRDA presets.
+    "eval.batched_slide": False,
 }
 RUN = {
     # 7: "exp 7 (GTA->CS): seed 0"; "set_random_seed ... with deterministic=False".

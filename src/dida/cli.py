@@ -18,6 +18,12 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="mixed precision")
 
 
+def _add_hrda_out(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hrda-out", choices=("lr", "hr", "att"),
+                   help="HRDA checkpoints only: the context branch alone (lr), the detail branch alone (hr), "
+                        "or the scale attention written as an 8-bit image, x255 (att)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dida.commands.bank import bank_kinds
     from dida.data.kinds import convertible_kinds
@@ -58,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what --save-preds writes: colour PNGs, train-id PNGs, Cityscapes label-id PNGs")
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("--allow-pickle", action="store_true", help="trust the checkpoint (unsafe unpickling)")
+    _add_hrda_out(p)
     _add_runtime(p)
     p.set_defaults(_entry="dida.commands.test:main")
 
@@ -72,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-scale", type=int, nargs=2, default=(1024, 512), metavar=("LONG", "SHORT"))
     p.add_argument("--recursive", action="store_true", help="also predict images in sub-folders")
     p.add_argument("--allow-pickle", action="store_true", help="trust the checkpoint (unsafe unpickling)")
+    _add_hrda_out(p)
     _add_runtime(p)
     p.set_defaults(_entry="dida.commands.infer:main")
 

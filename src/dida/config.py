@@ -148,6 +148,13 @@ class DatasetCfg:
     label_dir: str = "labels"
     img_suffix: str = ".png"
     label_suffix: str = "_labelTrainIds.png"
+    # Target only: HRDA's pseudo-label validity margins ("plcrop v2", hrda_mic.md 2.3) as [top, bottom, left,
+    # right] pixels of the canvas below. The mask is resized (nearest), cropped and flipped with the image and
+    # delivered as `valid_pseudo_mask`: the pseudo-weight is 0 outside it. null: off.
+    pseudo_margins: list[int] | None = None
+    # The margin mask's canvas. "reference" (quirk Q17): a fixed 1024x2048 canvas resized by its own keep-ratio
+    # factor (fits 2:1 images only; padding fills 255); "image": the loaded image's size (padding fills 0).
+    pseudo_margins_canvas: Literal["reference", "image"] = "reference"
 
 
 @dataclass
@@ -386,6 +393,9 @@ class EvalCfg:
     mode: Literal["whole", "slide"] = "whole"
     crop_size: list[int] = field(default_factory=lambda: [512, 512])
     stride: list[int] = field(default_factory=lambda: [341, 341])
+    # Slide mode: all windows of an image through the model in one batch (the reference's `batched_slide`,
+    # HRDA's test configuration): faster, more memory.
+    batched_slide: bool = False
     # Evaluate on at most this many val images during training (None: all).
     max_images: Optional[int] = None
 
@@ -649,6 +659,23 @@ def _check_vit(v: ViTCfg) -> None:
         _check(value is None or value >= 1, f"model.vit.{key}", f"must be >= 1 or null, got {value}")
 
 
+def _check_pseudo_margins(cfg: Config) -> None:
+    """HRDA's pseudo-label margins: target only, four sizes, never with the row ignoring (the reference asserts)."""
+    d, u = cfg.data, cfg.uda
+    for name in ("source", "val"):
+        _check(getattr(d, name).pseudo_margins is None, f"data.{name}.pseudo_margins",
+               "only the target's pseudo-labels have validity margins; set it to null (data.target.pseudo_margins)")
+    margins = d.target.pseudo_margins
+    if margins is None:
+        return
+    _check(len(margins) == 4 and min(margins) >= 0, "data.target.pseudo_margins",
+           f"four sizes >= 0 [top, bottom, left, right], got {margins}")
+    _check(u.pseudo_weight_ignore_top == 0 and u.pseudo_weight_ignore_bottom == 0, "data.target.pseudo_margins",
+           f"the margins replace uda.pseudo_weight_ignore_top/bottom ({u.pseudo_weight_ignore_top}/"
+           f"{u.pseudo_weight_ignore_bottom}) and the reference refuses both at once; set "
+           "uda.pseudo_weight_ignore_top=0 uda.pseudo_weight_ignore_bottom=0, or data.target.pseudo_margins=null")
+
+
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express. Raises ``ConfigError`` naming the key."""
     _check_names(cfg)
@@ -673,6 +700,7 @@ def validate(cfg: Config) -> None:
     _check(u.dual_level.chunk_rows >= 0, "uda.dual_level.chunk_rows", "must be >= 0")
     _check(0 <= u.augment.color_jitter_prob <= 1, "uda.augment.color_jitter_prob", "must be in [0, 1]")
     _check_mic(cfg)
+    _check_pseudo_margins(cfg)
     _check(all(0 <= c < cfg.model.num_classes for c in u.feature_distance.classes),
            "uda.feature_distance.classes", f"class ids must be in [0, {cfg.model.num_classes})")
     _check(0 < o.layer_decay <= 1, "optim.layer_decay", f"must be in (0, 1] (1: off), got {o.layer_decay}")

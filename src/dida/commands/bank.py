@@ -21,6 +21,17 @@ def bank_kinds() -> list[str]:
     return [name for name, kind in DATASET_KINDS.items() if kind.source_scale is not None]
 
 
+def default_scale(model: Any, kind: str) -> tuple[int, int]:
+    """The test scale of ``dida bank build`` without ``--img-scale``: the dataset kind's source-pipeline scale
+    (``DATASET_KINDS``), divided by the model's context scale when it has one (HRDA: the HR pipeline's
+    scale, e.g. 2560x1440 for GTA, so that the context branch, whose embedding the bank holds, sees the
+    images at the DAFormer/DIDA scale the shipped banks were built at)."""
+    scale = DATASET_KINDS[kind].source_scale
+    assert scale is not None
+    context = float(getattr(model, "context_scale", 1.0))
+    return round(scale[0] / context), round(scale[1] / context)
+
+
 def _load_model(args: Any) -> nn.Module:
     """The model of ``--config`` (or the one the checkpoint describes) with the checkpoint's weights."""
     from dida.checkpoint import load_checkpoint, model_cfg_from_checkpoint, read_checkpoint
@@ -61,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     num_classes = int(model.num_classes)
     dataset = _build_dataset(args.dataset, args.data, num_classes)
     device = resolve_device(getattr(args, "device", "auto"))
-    img_scale = getattr(args, "img_scale", None) or DATASET_KINDS[args.dataset].source_scale
+    img_scale = getattr(args, "img_scale", None) or default_scale(model, args.dataset)
     bank = build_bank(
         model,
         dataset,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from dida.engine.hrda_outputs import align_input, attention_image, hrda_branch
 from dida.engine.predict import IMAGE_SUFFIXES, list_images, predict_image
 from dida.errors import CheckpointError, ConfigError, DataError, DidaError
 from dida.io import write_png
@@ -46,7 +48,21 @@ def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
     model_cfg.pretrained = None
     model = build_model(model_cfg)
     load_checkpoint(model, ckpt, which=args.which, allow_pickle=args.allow_pickle)
-    return model.to(device).eval(), source
+    hrda_out = getattr(args, "hrda_out", None)
+    if hrda_out:
+        model = hrda_branch(model, hrda_out, source=f"{ckpt_path} (model from {source})")
+    # HRDA needs input sizes that are multiples of a context cell: pad, predict, crop.
+    return align_input(model).to(device).eval(), source
+
+
+def _attention(model: nn.Module, img_bgr: Any, args: argparse.Namespace, device: torch.device) -> Any:
+    """``--hrda-out att``: the attention map of one BGR image at its size, uint8 (x255)."""
+    from dida.data.transforms import TestPipeline
+    from dida.runtime import autocast
+
+    img = TestPipeline(tuple(args.img_scale))(img_bgr).to(device)
+    with torch.no_grad(), autocast(device, args.amp):
+        return attention_image(model, img[None], out_size=img_bgr.shape[:2])
 
 
 def _find_images(inputs: Path, out_dir: Path, recursive: bool) -> list[Path]:
@@ -77,7 +93,9 @@ def main(args: argparse.Namespace) -> int:
     images = _find_images(inputs, out_dir, getattr(args, "recursive", False))
     model, source = _load_model(args, device)
     num_classes = int(model.num_classes)
-    print(f"model from {source}: {num_classes} classes; {len(images)} image(s) -> {out_dir}", file=sys.stderr)
+    attention = getattr(args, "hrda_out", None) == "att"
+    what = "HRDA attention maps" if attention else f"{num_classes} classes"
+    print(f"model from {source}: {what}; {len(images)} image(s) -> {out_dir}", file=sys.stderr)
 
     root = inputs if inputs.is_dir() else inputs.parent
     failed: list[tuple[Path, str]] = []
@@ -90,8 +108,12 @@ def main(args: argparse.Namespace) -> int:
             failed.append((path, str(e)))
             tqdm.write(f"skipped {path}: {e}", file=sys.stderr)
             continue
-        pred = predict_image(model, img, img_scale=args.img_scale, device=device, amp=args.amp)
         rel = path.relative_to(root).parent
+        if attention:
+            write_png(out_dir / rel / f"{path.stem}_attention.png", _attention(model, img, args, device))
+            done += 1
+            continue
+        pred = predict_image(model, img, img_scale=args.img_scale, device=device, amp=args.amp)
         write_png(out_dir / rel / f"{path.stem}_pred.png", overlay(img, pred, args.opacity, num_classes))
         write_png(out_dir / rel / f"{path.stem}_labelTrainIds.png", pred)
         done += 1

@@ -143,6 +143,7 @@ def _write_outputs(args: argparse.Namespace, cfg: Any, metrics: dict[str, Any], 
     summary = metrics_to_json(metrics, cfg.model.num_classes, synthia)
     summary.update(
         checkpoint=str(Path(ckpt_path).resolve()), which=args.which, mode=cfg.eval.mode,
+        hrda_out=getattr(args, "hrda_out", None),
         dataset={"kind": cfg.data.val.kind, "root": cfg.data.val.root, "split": cfg.data.val.split,
                  "img_scale": list(cfg.data.val.img_scale)},
         device=str(device), amp=args.amp,
@@ -162,11 +163,37 @@ def _write_outputs(args: argparse.Namespace, cfg: Any, metrics: dict[str, Any], 
     return written
 
 
+def _write_attention(args: argparse.Namespace, cfg: Any, model: Any, val: Any, dataset: Any, out_dir: Path,
+                     device: Any) -> int:
+    """``--hrda-out att``: the attention map of every val image as an 8-bit PNG (x255); no metrics."""
+    import torch
+
+    from dida.engine.evaluate import _prediction_stem
+    from dida.engine.hrda_outputs import attention_image
+    from dida.io import write_png
+    from dida.runtime import autocast
+
+    img_root, suffix = _image_root(dataset), str(getattr(dataset, "img_suffix", ""))
+    total = len(val) if args.limit is None else min(len(val), args.limit)
+    model.eval()
+    for i in range(total):
+        item = val[i]
+        with torch.no_grad(), autocast(device, args.amp):
+            att = attention_image(model, item["img"][None].to(device), out_size=item["ori_shape"],
+                                  mode=cfg.eval.mode, crop_size=cfg.eval.crop_size, stride=cfg.eval.stride,
+                                  batched_slide=cfg.eval.batched_slide)
+        stem = _prediction_stem(str(item["filename"]), img_root, suffix)
+        write_png(out_dir / "attention" / stem.parent / f"{stem.name}_attention.png", att)
+    print(f"wrote the HRDA attention maps (x255) of {total} image(s) to {out_dir / 'attention'}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     """``dida test CONFIG_OR_RUN_DIR CHECKPOINT``: mIoU table, ``metrics.json`` and ``iou.png``."""
     from dida.checkpoint import load_checkpoint, read_checkpoint
     from dida.data.uda import ValDataset
     from dida.engine.evaluate import PredictionWriter, evaluate
+    from dida.engine.hrda_outputs import align_input, hrda_branch
     from dida.models import build_model
 
     ckpt_ref = _checkpoint_ref(args)
@@ -184,10 +211,15 @@ def main(args: argparse.Namespace) -> int:
 
     model = build_model(cfg.model)
     load_checkpoint(model, ckpt, which=args.which, allow_pickle=args.allow_pickle)
-    model.to(device)
+    hrda_out = getattr(args, "hrda_out", None)
+    if hrda_out:
+        model = hrda_branch(model, hrda_out, source=f"{ckpt_path} ({args.config})")
+    model = align_input(model).to(device)
 
     out_dir = Path(args.out) if args.out else local_output_dir(ckpt_ref, Path(ckpt_path)) / "test"
     out_dir.mkdir(parents=True, exist_ok=True)
+    if hrda_out == "att":
+        return _write_attention(args, cfg, model, val, dataset, out_dir, device)
     writer = None
     if args.save_preds:
         formats = ("color", "trainid", "cityscapes") if args.format == "all" else (args.format,)
@@ -197,7 +229,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         metrics = evaluate(
             model, val, device=device, mode=cfg.eval.mode, crop_size=cfg.eval.crop_size,
-            stride=cfg.eval.stride, amp=args.amp, num_classes=cfg.model.num_classes,
+            stride=cfg.eval.stride, batched_slide=cfg.eval.batched_slide, amp=args.amp,
+            num_classes=cfg.model.num_classes,
             max_images=args.limit, on_prediction=writer, num_workers=workers,
         )
     finally:

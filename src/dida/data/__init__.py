@@ -14,7 +14,14 @@ from dida.data.gta import GTADataset
 from dida.data.kinds import DATASET_KINDS, default_root
 from dida.data.rcs import RareClassSampler
 from dida.data.synthia import SynthiaDataset
-from dida.data.transforms import TestPipeline, TrainPipeline, load_image, load_label, preprocess_test_image
+from dida.data.transforms import (
+    PseudoMarginMask,
+    TestPipeline,
+    TrainPipeline,
+    load_image,
+    load_label,
+    preprocess_test_image,
+)
 from dida.data.uda import SourceTargetDataset, ValDataset, collate_uda
 from dida.errors import DataError
 
@@ -25,9 +32,9 @@ Dataset = Union[CityscapesDataset, GTADataset, SynthiaDataset, FolderDataset]
 
 __all__ = [
     "CityscapesDataset", "FolderDataset", "GTADataset", "SynthiaDataset", "RareClassSampler",
-    "SourceTargetDataset", "ValDataset", "collate_uda", "TrainPipeline", "TestPipeline", "load_image",
-    "load_label", "preprocess_test_image", "build_dataset", "build_train_pipeline", "build_uda_datasets",
-    "dataset_root", "DATASET_KINDS",
+    "SourceTargetDataset", "ValDataset", "collate_uda", "TrainPipeline", "TestPipeline", "PseudoMarginMask",
+    "load_image", "load_label", "preprocess_test_image", "build_dataset", "build_train_pipeline",
+    "build_pseudo_margin_mask", "build_uda_datasets", "dataset_root", "DATASET_KINDS",
 ]
 
 def dataset_root(cfg: DatasetCfg) -> Path:
@@ -56,6 +63,13 @@ def build_train_pipeline(cfg: DatasetCfg) -> TrainPipeline:
     return TrainPipeline(cfg.img_scale, cfg.crop_size, cfg.cat_max_ratio, cfg.flip_prob)
 
 
+def build_pseudo_margin_mask(cfg: DatasetCfg) -> PseudoMarginMask | None:
+    """HRDA's pseudo-label validity margins of a target dataset (``pseudo_margins``), or None when off."""
+    if cfg.pseudo_margins is None:
+        return None
+    return PseudoMarginMask(margins=cfg.pseudo_margins, canvas=cfg.pseudo_margins_canvas)
+
+
 def build_uda_datasets(data_cfg: DataCfg, seed: int = 0, num_classes: int | None = None
                        ) -> tuple[SourceTargetDataset, ValDataset]:
     """Training pairs (source with RCS when enabled + target) and the validation dataset.
@@ -72,6 +86,7 @@ def build_uda_datasets(data_cfg: DataCfg, seed: int = 0, num_classes: int | None
     train = SourceTargetDataset(
         source, target, build_train_pipeline(data_cfg.source), build_train_pipeline(data_cfg.target),
         rcs=rcs, seed=seed, min_crop_ratio=data_cfg.rcs.min_crop_ratio,
+        valid_mask=build_pseudo_margin_mask(data_cfg.target),
     )
     val = ValDataset(build_dataset(data_cfg.val, num_classes), data_cfg.val.img_scale)
     return train, val

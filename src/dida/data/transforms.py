@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -179,6 +180,57 @@ def pad_to(img: np.ndarray, label: np.ndarray, size: Sequence[int], ignore_index
     return img, label
 
 
+# ------------------------------------------------------------------------------- pseudo-label margins
+
+# Quirk Q17: the reference creates the validity mask on this (height, width) canvas whatever the image size.
+REFERENCE_MARGIN_CANVAS = (1024, 2048)
+
+
+def margin_mask(height: int, width: int, margins: Sequence[int]) -> np.ndarray:
+    """uint8 ``[height, width]``: 1 inside, 0 on the ``(top, bottom, left, right)`` margins (in pixels)."""
+    top, bottom, left, right = (int(m) for m in margins)
+    mask = np.ones((height, width), dtype=np.uint8)
+    mask[:top] = 0
+    mask[max(height - bottom, 0):] = 0
+    mask[:, :left] = 0
+    mask[:, max(width - right, 0):] = 0
+    return mask
+
+
+class PseudoMarginMask:
+    """HRDA's pseudo-label validity mask before the pipeline ("plcrop v2", hrda_mic.md 2.3).
+
+    The mask is made at full resolution and then goes through the target pipeline with the image: resized
+    (nearest), cropped and flipped with the same draws (``TrainPipeline.random_part_masked``), and padded.
+
+    Args:
+        margins: ``(top, bottom, left, right)`` in pixels of the canvas.
+        canvas: ``"reference"``: the reference's fixed 1024x2048 canvas (quirk Q17), which the keep-ratio
+            resize scales by its own factor, so it matches 2:1 images only, and padding fills 255 (the
+            weight would be multiplied by 255 there, as in the reference); ``"image"``: a canvas of the
+            loaded image's size, padding fills 0.
+
+    Call: ``mask(image_height, image_width)`` -> uint8 ``[h, w]`` at the canvas size.
+    """
+
+    def __init__(self, *, margins: Sequence[int], canvas: Literal["reference", "image"]) -> None:
+        margins = tuple(int(m) for m in margins)
+        if len(margins) != 4 or min(margins) < 0:
+            raise ValueError(f"PseudoMarginMask: margins must be four sizes >= 0, got {margins}")
+        if canvas not in ("reference", "image"):
+            raise ValueError(f"PseudoMarginMask: canvas must be 'reference' or 'image', got {canvas!r}")
+        self.margins = margins
+        self.canvas: Literal["reference", "image"] = canvas
+        self.pad_value = 255 if canvas == "reference" else 0
+
+    def __repr__(self) -> str:
+        return f"PseudoMarginMask(margins={self.margins}, canvas={self.canvas!r})"
+
+    def __call__(self, height: int, width: int) -> np.ndarray:
+        h, w = REFERENCE_MARGIN_CANVAS if self.canvas == "reference" else (int(height), int(width))
+        return margin_mask(h, w, self.margins)
+
+
 # ------------------------------------------------------------------------------------------ pipelines
 
 
@@ -212,17 +264,51 @@ class TrainPipeline:
         img_bgr = resize_keep_ratio(img_bgr, self.img_scale, "bilinear")
         return img_bgr, resize_keep_ratio(label, self.img_scale, "nearest")
 
-    def random_part(self, img_bgr: np.ndarray, label: np.ndarray, rng: np.random.Generator
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Crop, flip, normalise, pad an already resized pair (the part that consumes ``rng``)."""
+    def resize_mask(self, mask: np.ndarray) -> np.ndarray:
+        """Keep-ratio nearest resize of an extra map [h, w] by ITS OWN factor, as mmseg resizes every
+        segmentation field (a mask whose size differs from the image's keeps differing, quirk Q17)."""
+        return resize_keep_ratio(mask, self.img_scale, "nearest")
+
+    def _crop_flip(self, img_bgr: np.ndarray, label: np.ndarray, mask: np.ndarray | None,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The random crop box (drawn from ``label``) and the flip draw, applied to all given maps alike."""
         y1, y2, x1, x2 = random_crop_box(label, self.crop_size, self.cat_max_ratio, rng, self.ignore_index)
         img_bgr, label = img_bgr[y1:y2, x1:x2], label[y1:y2, x1:x2]
+        mask = None if mask is None else mask[y1:y2, x1:x2]
         # mmseg's RandomFlip draws even when prob is 0; so do we, to keep the random stream aligned.
         if rng.random() < self.flip_prob:
             img_bgr, label = img_bgr[:, ::-1], label[:, ::-1]
+            mask = None if mask is None else mask[:, ::-1]
+        return img_bgr, label, mask
+
+    def random_part(self, img_bgr: np.ndarray, label: np.ndarray, rng: np.random.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crop, flip, normalise, pad an already resized pair (the part that consumes ``rng``)."""
+        img_bgr, label, _ = self._crop_flip(img_bgr, label, None, rng)
         img = normalize(np.ascontiguousarray(img_bgr))
         img, label = pad_to(img, label, self.crop_size, self.ignore_index)
         return to_chw_tensor(img), torch.from_numpy(label.astype(np.int64))
+
+    def random_part_masked(self, img_bgr: np.ndarray, label: np.ndarray, mask: np.ndarray,
+                           rng: np.random.Generator, *, pad_value: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``random_part`` that carries an extra uint8 map [h, w] (resized like the label) through the same
+        crop and flip, with the same draws from ``rng`` as ``random_part``; padded with ``pad_value``.
+
+        Returns:
+            ``(img [3, h, w] float32, label [h, w] int64, mask [h, w] uint8)``.
+        """
+        if mask.shape != label.shape:
+            raise DataError(f"the extra map {mask.shape} and the label {label.shape} differ in size after resizing.")
+        img_bgr, label, cropped = self._crop_flip(img_bgr, label, mask, rng)
+        assert cropped is not None
+        img = normalize(np.ascontiguousarray(img_bgr))
+        img, label = pad_to(img, label, self.crop_size, self.ignore_index)
+        pad_h, pad_w = max(self.crop_size[0] - cropped.shape[0], 0), max(self.crop_size[1] - cropped.shape[1], 0)
+        if pad_h or pad_w:
+            cropped = np.pad(cropped, ((0, pad_h), (0, pad_w)), constant_values=pad_value)
+        return to_chw_tensor(img), torch.from_numpy(label.astype(np.int64)), torch.from_numpy(
+            np.ascontiguousarray(cropped, dtype=np.uint8))
 
     def __call__(self, img_bgr: np.ndarray, label: np.ndarray, rng: np.random.Generator
                  ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 from dida.constants import IGNORE_INDEX
 from dida.errors import DataError
 from dida.data.rcs import RareClassSampler
-from dida.data.transforms import TestPipeline, TrainPipeline
+from dida.data.transforms import PseudoMarginMask, TestPipeline, TrainPipeline
 
 
 class SegmentationSource(Protocol):
@@ -38,16 +38,21 @@ class SourceTargetDataset:
         min_crop_ratio: with RCS, the crop must hold more than ``rcs.min_pixels * min_crop_ratio``
             pixels of the drawn class; the pipeline is re-run on the same image up to 10 times.
         max_redraws: consecutive unreadable samples tolerated within one item before giving up.
+        valid_mask: HRDA's pseudo-label validity margins of the target (``data.target.pseudo_margins``), or
+            None. The mask goes through the target pipeline with the image (same resize rule, same crop and
+            flip draws), so the random stream, and every image, is the same with or without it.
 
     ``__getitem__(k)`` returns a dict: ``img`` [3, h, w] float32, ``label`` [h, w] int64,
     ``target_img`` [3, h, w] float32, ``target_label`` [h, w] int64 (255 where the target has none;
     unused by training), ``source_file``, ``target_file`` (image paths), ``rcs_class`` (int, -1 without
-    RCS) and ``bad_files`` (paths of corrupt files skipped for this item, each replaced by another draw).
+    RCS), ``bad_files`` (paths of corrupt files skipped for this item, each replaced by another draw) and,
+    with ``valid_mask``, ``valid_pseudo_mask`` [h, w] uint8 (1 where pseudo-labels count).
     """
 
     def __init__(self, source: SegmentationSource, target: SegmentationSource, source_pipeline: TrainPipeline,
                  target_pipeline: TrainPipeline, rcs: RareClassSampler | None = None, seed: int = 0,
-                 min_crop_ratio: float = 0.5, max_redraws: int = 50) -> None:
+                 min_crop_ratio: float = 0.5, max_redraws: int = 50, *,
+                 valid_mask: PseudoMarginMask | None = None) -> None:
         if len(source) == 0 or len(target) == 0:
             raise DataError("source and target datasets must both hold at least one sample.")
         self.source, self.target = source, target
@@ -56,6 +61,7 @@ class SourceTargetDataset:
         self.seed = int(seed)
         self.min_crop_ratio = float(min_crop_ratio)
         self.max_redraws = int(max_redraws)
+        self.valid_mask = valid_mask
         self.file_to_index: dict[str, int] = {}
         if rcs is not None:
             # The statistics name label files; map their basename to the source index.
@@ -108,7 +114,7 @@ class SourceTargetDataset:
 
     def _target_sample(
         self, rng: np.random.Generator, bad_files: list[str]
-    ) -> tuple[torch.Tensor, torch.Tensor, str]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str]:
         last_error = ""
         for _ in range(self.max_redraws + 1):
             index = int(rng.integers(len(self.target)))
@@ -120,26 +126,52 @@ class SourceTargetDataset:
                 continue
             if label is None:
                 label = np.full(img.shape[:2], IGNORE_INDEX, dtype=np.uint8)
-            img_t, label_t = self.target_pipeline(img, label, rng)
-            return img_t, label_t, self.target.samples[index][0]
+            path = self.target.samples[index][0]
+            if self.valid_mask is None:
+                img_t, label_t = self.target_pipeline(img, label, rng)
+                return img_t, label_t, None, path
+            return (*self._masked_target(img, label, path, rng), path)
         raise DataError(f"{self.max_redraws + 1} target samples in a row could not be read (last: "
                         f"{last_error}). Check that the dataset is in place and its files are readable.")
+
+    def _masked_target(self, img: np.ndarray, label: np.ndarray, path: str, rng: np.random.Generator
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The target pipeline with the validity mask carried along (the same draws as without it)."""
+        assert self.valid_mask is not None
+        pipeline = self.target_pipeline
+        if img.shape[:2] != label.shape[:2]:
+            raise DataError(f"{path}: image {img.shape[:2]} and label {label.shape[:2]} sizes differ.")
+        img, label = pipeline.resize(img, label)
+        mask = pipeline.resize_mask(self.valid_mask(*img.shape[:2]))
+        if mask.shape != label.shape:
+            raise DataError(
+                f"{path}: this image resizes to {label.shape[1]}x{label.shape[0]}, but the reference's fixed "
+                f"1024x2048 pseudo-margin canvas to {mask.shape[1]}x{mask.shape[0]} (quirk Q17: it fits 2:1 "
+                "images only). Set data.target.pseudo_margins_canvas=image (margins in pixels of the image).")
+        return pipeline.random_part_masked(img, label, mask, rng, pad_value=self.valid_mask.pad_value)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, int(k)])
         bad_files: list[str] = []
         img, label, source_file, cls = self._source_sample(rng, bad_files)
-        target_img, target_label, target_file = self._target_sample(rng, bad_files)
-        return {
+        target_img, target_label, valid, target_file = self._target_sample(rng, bad_files)
+        item = {
             "img": img, "label": label, "target_img": target_img, "target_label": target_label,
             "source_file": source_file, "target_file": target_file, "rcs_class": cls, "bad_files": bad_files,
         }
+        if valid is not None:
+            item["valid_pseudo_mask"] = valid
+        return item
 
 
 def collate_uda(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack a list of ``SourceTargetDataset`` items: tensors -> [B, ...]; names -> lists;
-    ``rcs_class`` -> int64 [B]; ``bad_files`` -> one flat list."""
+    ``rcs_class`` -> int64 [B]; ``bad_files`` -> one flat list; ``valid_pseudo_mask`` -> uint8 [B, h, w]
+    when the items carry it."""
+    extra = {"valid_pseudo_mask": torch.stack([b["valid_pseudo_mask"] for b in batch])} \
+        if batch and "valid_pseudo_mask" in batch[0] else {}
     return {
+        **extra,
         "img": torch.stack([b["img"] for b in batch]),
         "label": torch.stack([b["label"] for b in batch]),
         "target_img": torch.stack([b["target_img"] for b in batch]),

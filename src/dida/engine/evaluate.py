@@ -227,6 +227,7 @@ def evaluate(
     mode: str = "whole",
     crop_size: Sequence[int] | None = None,
     stride: Sequence[int] | None = None,
+    batched_slide: bool = False,
     amp: str = "off",
     num_classes: int | None = None,
     ignore_index: int = IGNORE_INDEX,
@@ -249,6 +250,8 @@ def evaluate(
         dataset: indexable, ``len``-able, items as above.
         device: where inference and counting run.
         mode: "whole" or "slide"; ``crop_size``/``stride`` (h, w) for "slide".
+        batched_slide: "slide" with all windows of an image in one batch (``eval.batched_slide``; HRDA's
+            test configuration, hrda_mic.md 1.7).
         amp: "off", "bf16" or "fp16" (torch.autocast).
         num_classes: defaults to ``model.num_classes``.
         progress: show a tqdm bar (images/s).
@@ -273,7 +276,7 @@ def evaluate(
     start = time.perf_counter()
     try:
         _predict_into(acc, model, zip(indices, loader), device=device, amp=amp, on_prediction=on_prediction,
-                      bar=bar, mode=mode, crop_size=crop_size, stride=stride)
+                      bar=bar, mode=mode, crop_size=crop_size, stride=stride, batched_slide=batched_slide)
         if sharded:
             acc.all_reduce()
     finally:

@@ -379,8 +379,8 @@ class _TrainingRun:
         if self.is_main:
             metrics = evaluate(self.state.student, self.val_set, device=self.device, mode=cfg.eval.mode,
                                crop_size=tuple(cfg.eval.crop_size), stride=tuple(cfg.eval.stride),
-                               amp=cfg.train.amp, num_classes=cfg.model.num_classes, progress=False,
-                               max_images=cfg.eval.max_images)
+                               batched_slide=cfg.eval.batched_slide, amp=cfg.train.amp,
+                               num_classes=cfg.model.num_classes, progress=False, max_images=cfg.eval.max_images)
             self.writer.log_eval(it, metrics, self.run_dir, class_names(cfg.model.num_classes))
             miou = float(metrics["mIoU"])
             if miou == miou and (self.best is None or miou > self.best[0]):

@@ -5,7 +5,9 @@ The shipped DIDA banks are non-negative per-image class means of the decoder emb
 balanced, with labels in repeating runs of the rare-class order (spec 6.2); which model produced them
 is not known. This builder makes banks of that kind:
 
-1. run the model (eval mode, no grad) over source images through the test pipeline;
+1. run the model (eval mode, no grad) over source images through the test pipeline (``predict``: for HRDA
+   the whole image as context, its embedding being the context branch's, the one DIDA's terms use on HRDA;
+   the input is padded to a multiple of the model's ``alignment`` and the padding ignored);
 2. per image, the mean embedding of every class present in its label, where the embedding is the
    1/4-resolution decoder output upsampled bilinearly to the label's resolution, as the reference
    upsamples ``embedding_s`` (computed exactly at 1/4 resolution, see ``instance_bank.class_sums``);
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dida.constants import RARE_CLASS_ORDER, class_names
+from dida.constants import IGNORE_INDEX, RARE_CLASS_ORDER, class_names
 from dida.errors import DataError
 from dida.runtime import autocast
 from dida.uda.instance_bank import InstanceBank, class_sums
@@ -108,11 +110,16 @@ def _class_means(
         img: ``[1, 3, h, w]`` after the test pipeline, on the model's device.
         label: ``[H, W]`` train ids at the original resolution.
     """
+    # A model that needs aligned input sizes (HRDA: multiples of a context cell) sees the image padded at the
+    # bottom/right with 0 (the mean colour, as mmseg's Pad); the padded pixels are ignored below.
+    multiple = int(getattr(model, "alignment", 1))
+    pad_h, pad_w = (-img.shape[-2]) % multiple, (-img.shape[-1]) % multiple
     with autocast(img.device, amp):
-        emb = model.predict(img).embedding
+        emb = model.predict(torch.nn.functional.pad(img, (0, pad_w, 0, pad_h))).embedding
     # labels at the resized image's resolution (nearest, as mmseg resizes segmentation maps)
     lab = torch.from_numpy(np.array(label, dtype=np.int64)).to(img.device)[None, None]
     lab = torch.nn.functional.interpolate(lab.float(), size=img.shape[-2:], mode="nearest").long()[:, 0]
+    lab = torch.nn.functional.pad(lab, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
     sums, counts = class_sums(emb.float(), lab, num_classes)
     present = counts > 0
     means = (sums[present] / counts[present, None]).cpu().numpy()
@@ -135,7 +142,8 @@ def build_bank(
     """Class-balanced bank of per-image class-mean embeddings.
 
     Args:
-        model: a ``Segmentor`` (``forward(img) -> SegmentorOutput`` with ``embedding [1, D, h/4, w/4]``).
+        model: a segmentor (``predict(img) -> SegmentorOutput`` with an ``embedding [1, D, h', w']``: 1/4
+            of the input for DAFormer, 1/8 for HRDA's context branch).
         dataset: source dataset with ``load(i) -> (img_bgr, label train ids)``.
         size: K.
         num_classes: C (labels outside ``[0, C)`` are ignored).

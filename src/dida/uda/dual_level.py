@@ -17,6 +17,10 @@ upsampled (the upsampling commutes with them up to float rounding). The non-line
 chunks of output rows, each chunk upsampled on the fly with the separable bilinear weights, and its
 gradient is computed in closed form inside the same loop, so peak memory grows with
 ``B * K * chunk_rows * W`` instead of ``B * K * H * W``.
+
+The embeddings (teacher and student, one grid) and the calibration logits may live on different grids:
+each is upsampled to the crop size by its own row-chunk upsampler. HRDA is the case: its embedding is the
+context branch's (``H/8``), its logits the fused ones (``H/4``).
 """
 
 from __future__ import annotations
@@ -131,8 +135,10 @@ class _ChunkedInstanceLoss(torch.autograd.Function):
         ctx,
         p_low: Tensor,
         s_low: Tensor,
-        g_low: Tensor | None,
+        logits: Tensor | None,
+        bank_labels: Tensor,
         ups: RowChunkUpsampler,
+        logit_ups: RowChunkUpsampler | None,
         chunk_rows: int,
         scale: float,
     ) -> Tensor:
@@ -142,8 +148,10 @@ class _ChunkedInstanceLoss(torch.autograd.Function):
         for r0 in range(0, ups.out_size[0], chunk_rows):
             r1 = min(ups.out_size[0], r0 + chunk_rows)
             q = ups.up(s_low, r0, r1)  # [B, K, R, W]
-            if g_low is not None:
-                q.mul_(ups.up(g_low, r0, r1))
+            if logits is not None:
+                assert logit_ups is not None
+                # gather after upsampling (a channel selection commutes with it): C channels upsampled, not K
+                q.mul_(gather_by_label(logit_ups.up(logits, r0, r1), bank_labels))
             q.div_(q.sum(dim=1, keepdim=True))
             p = ups.up(p_low, r0, r1)
             denom = p.sum(dim=1, keepdim=True)
@@ -166,7 +174,7 @@ class _ChunkedInstanceLoss(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         (grad_low,) = ctx.saved_tensors
         grad_p = None if grad_low is None else grad_low * grad_out
-        return grad_p, None, None, None, None, None
+        return grad_p, None, None, None, None, None, None, None
 
 
 def instance_term(
@@ -187,9 +195,11 @@ def instance_term(
     Args:
         bank: the instance bank (features ``[K, D]``, labels ``[K]``).
         teacher_embedding: teacher embedding on the target ``[B, D, h, w]`` (no grad is taken).
-        student_embedding: student embedding on the mixed image ``[B, D, h, w]`` (with grad).
-        student_logits: student logits on the mixed image ``[B, C, h, w]`` (detached: the reference
-            computes the target under ``no_grad``).
+        student_embedding: student embedding on the mixed image ``[B, D, h, w]`` (with grad), on the
+            teacher embedding's grid.
+        student_logits: student logits on the mixed image ``[B, C, h', w']`` on any grid (HRDA: the fused
+            logits at ``H/4`` while the embeddings are at ``H/8``); detached: the reference computes the
+            target under ``no_grad``.
         out_size: ``(H, W)`` the reference upsamples to (the crop size).
         weight: ``ins_lambda`` (0.5).
         calibrate: ``True`` (reference) uses the gather target ``q``; ``False`` uses the sum-normalised
@@ -225,19 +235,20 @@ def instance_term(
             return instance_loss(target, bank.similarity(resize(e_s, out_size)), weight)
 
         h, w = e_s.shape[-2:]
-        if tuple(e_w.shape[-2:]) != (h, w) or tuple(z.shape[-2:]) != (h, w):
+        if tuple(e_w.shape[-2:]) != (h, w):
             raise ValueError(
-                "instance_term: teacher embedding, student embedding and student logits must share one "
-                f"resolution, got {tuple(e_w.shape[-2:])}, {(h, w)}, {tuple(z.shape[-2:])}"
+                "instance_term: the teacher and the student embeddings are paired pixel for pixel and must "
+                f"share one resolution, got {tuple(e_w.shape[-2:])} and {(h, w)}"
             )
         with torch.no_grad():
             s_low = bank.similarity(e_w)
-            g_low = gather_by_label(z, bank.labels) if calibrate else None
         p_low = bank.similarity(e_s)
         ups = row_chunk_upsampler((h, w), out_size, e_s.device)
+        logit_ups = row_chunk_upsampler(tuple(z.shape[-2:]), out_size, e_s.device) if calibrate else None
         scale = float(weight) / float(e_s.shape[0] * out_size[0] * out_size[1])
         rows = cpu_chunk_rows(chunk_rows, p_low.shape[0] * p_low.shape[1] * out_size[1] * 4, e_s.device)
-        return _ChunkedInstanceLoss.apply(p_low, s_low, g_low, ups, rows, scale)
+        return _ChunkedInstanceLoss.apply(p_low, s_low, z if calibrate else None, bank.labels, ups, logit_ups,
+                                          rows, scale)
 
 
 def cpu_chunk_rows(chunk_rows: int, bytes_per_row: int, device: torch.device) -> int:

@@ -7,8 +7,10 @@
 - Mixed: the calibrated instance loss between the teacher's similarity to the bank on the target and the
   student's on the mixed image (``loss/instance``), backpropagated with the mixed loss.
 
-The terms work on the embeddings' own (1/4) resolution and chunks of output rows (``chunk_rows``), so no
-``[B, K, H, W]`` tensor is built; the values equal the reference's full-resolution computation.
+The terms work on the embeddings' own resolution (1/4 for DAFormer; 1/8 for HRDA, whose embedding is the
+context branch's and whose fused logits, used by the calibration, are at 1/4: each map is upsampled on its
+own) and chunks of output rows (``chunk_rows``), so no ``[B, K, H, W]`` tensor is built; the values equal the
+reference's full-resolution computation.
 """
 
 from __future__ import annotations
