@@ -25,10 +25,10 @@ HRDA_DATA_AND_RUN = {
     "uda.pseudo_weight_ignore_bottom": 0,
     # 2.4: min_crop_ratio 2.0
     "data.rcs.min_crop_ratio": 2.0,
-    # 5: evaluation every 4000 (iters // 10), a checkpoint only at 40000 with max_keep 1
+    # 5: evaluation every 4000 (iters // 10), a checkpoint only at 40000 with max_keep 1 (train.keep_last's
+    # default 1 already keeps one)
     "train.eval_interval": 4000,
     "train.checkpoint_interval": 0,
-    "train.keep_last": 1,
     # 1.1 / 1.7 test_cfg: slide, crop 1024x1024, stride 512x512, batched_slide
     "eval.mode": "slide",
     "eval.crop_size": [1024, 1024],
