@@ -101,7 +101,11 @@ def test_bank_build_default_scale_is_the_kinds_source_scale(extra_kind, monkeypa
         seen.update(kwargs, dataset=dataset)
         return InstanceBank(torch.ones(size, 2), torch.zeros(size, dtype=torch.int64), num_classes)
 
-    monkeypatch.setattr(bank, "_load_model", lambda args: SimpleNamespace(num_classes=4))
+    # a checkpoint without a stored configuration: the dataset kind's reference scale applies
+    resolved = SimpleNamespace(assumed=["test scale"], source="the weights",
+                               cfg=SimpleNamespace(data=SimpleNamespace(source=SimpleNamespace(
+                                   kind="gta", root="data/gta", img_scale=[1280, 720]))))
+    monkeypatch.setattr(bank, "_load_model", lambda args: (SimpleNamespace(num_classes=4), resolved))
     monkeypatch.setattr(bank, "_build_dataset", lambda kind, root, n: (kind, root, n))
     monkeypatch.setattr(bank, "build_bank", fake_build_bank)
     args = build_parser().parse_args(["bank", "build", "c.pth", "--data", "d", "--out", str(tmp_path),

@@ -91,3 +91,10 @@ def test_resolved_config_round_trips(tmp_path):
     p = tmp_path / "config.yaml"
     p.write_text(to_yaml(cfg))
     assert load_config(str(p)) == cfg
+
+
+def test_every_preset_describes_itself_in_one_line():
+    from dida.config import preset_descriptions
+
+    for name, text in preset_descriptions().items():
+        assert text and "\n" not in text and len(text) <= 140, name

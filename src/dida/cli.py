@@ -9,13 +9,44 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """An option's help ends with its default (unless it states it, or there is none); descriptions and examples
+    keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "(default" in text or default is None or default is False or default == argparse.SUPPRESS or \
+                not action.option_strings:
+            return text
+        shown = " ".join(str(v) for v in default) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})"
+
+
+def _command(sub: Any, name: str, summary: str, examples: str = "", **kw: Any) -> argparse.ArgumentParser:
+    epilog = f"examples:\n{examples}" if examples else None
+    return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                          epilog=epilog, formatter_class=_Help, **kw)
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     from dida.runtime import AMP_DTYPES
 
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (GPU when available)")
-    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="mixed precision")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU when there is one)")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off",
+                   help="mixed precision of the forward: off (float32), bf16, or fp16 (CUDA)")
+
+
+def _add_model_source(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--config", help=f"preset or YAML describing the model and its {what} (default: the run's "
+                                    "configuration stored in the checkpoint)")
+    p.add_argument("--which", choices=("model", "ema_model"), default="model",
+                   help="the student (what the reference evaluates) or the EMA teacher")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="trust a checkpoint that needs arbitrary Python objects (unsafe unpickling)")
 
 
 def _add_hrda_out(p: argparse.ArgumentParser) -> None:
@@ -24,131 +55,145 @@ def _add_hrda_out(p: argparse.ArgumentParser) -> None:
                         "or the scale attention written as an 8-bit image, x255 (att)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from dida.commands.bank import bank_kinds
-    from dida.data.kinds import convertible_kinds
-
-    from dida import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="dida",
-        description="Unsupervised domain-adaptive semantic segmentation in plain PyTorch: DAFormer, DIDA, HRDA, "
-                    "MIC and foundation backbones, alone or combined.",
-    )
-    parser.add_argument("--version", action="version", version=f"dida {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    # ---- train
-    p = sub.add_parser("train", help="train source-only, DAFormer or DIDA from a preset or YAML")
-    p.add_argument("config", nargs="?", help="preset name (e.g. gta2cs_dida) or YAML path")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_iters=1000 run.seed=1")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from latest.pth")
-    p.add_argument("--help-config", action="store_true", help="print every config key with its default")
-    p.add_argument("--list-presets", action="store_true", help="print the shipped presets")
+def _train_parser(sub: Any) -> None:
+    p = _command(sub, "train", "train a model from a preset or YAML (source only, DAFormer, DIDA, HRDA, MIC, ...)",
+                 "  dida train --list-presets\n"
+                 "  dida train gta2cs_dida model.pretrained=hf://nvidia/mit-b5 run.dir=work_dirs/my_dida\n"
+                 "  dida train synth_daformer uda.mic.enabled=true train.max_iters=1000\n"
+                 "  dida train --resume work_dirs/my_dida")
+    p.add_argument("config", nargs="?", help="preset name (see --list-presets) or YAML path")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_iters=1000 run.seed=1 "
+                                                "(every key: --help-config)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where its latest.pth "
+                                                       "stopped")
+    p.add_argument("--help-config", action="store_true",
+                   help="print every configuration key with its default, allowed values and a description")
+    p.add_argument("--list-presets", action="store_true", help="print the shipped presets, one line each")
     p.set_defaults(_entry="dida.commands.train:main")
 
-    # ---- test
-    p = sub.add_parser("test", help="evaluate a checkpoint (mIoU) on the validation split")
+
+def _test_parser(sub: Any) -> None:
+    p = _command(sub, "test", "evaluate a checkpoint on the validation split (mIoU per class)",
+                 "  dida test work_dirs/my_dida                      # the run's latest.pth and its config\n"
+                 "  dida test gta2cs_dida DIDA_gta2cs/latest.pth     # a released mmcv checkpoint\n"
+                 "  dida test hf://ORG/my-dida --which ema_model --save-preds --format cityscapes")
     p.add_argument("config", help="preset, YAML, run directory or exported model folder (uses its config.yaml), "
                                   "or the hf://ORG/REPO of an export")
     p.add_argument("checkpoint", nargs="?",
-                   help="dida or mmcv DIDA/DAFormer checkpoint, exported folder, or hf://ORG/REPO[/FILE][@REV] "
+                   help="dida or mmcv checkpoint, exported folder, or hf://ORG/REPO[/FILE][@REV] "
                         "(default: CONFIG's own: an exported folder, an hf:// export, RUN_DIR/latest.pth)")
-    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.val.split=val")
-    p.add_argument("--which", choices=("model", "ema_model"), default="model", help="student or EMA teacher")
-    p.add_argument("--data-root", help="override data.val.root")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.val.root=data/cityscapes")
+    p.add_argument("--which", choices=("model", "ema_model"), default="model",
+                   help="the student (what the reference evaluates) or the EMA teacher")
+    p.add_argument("--data-root", help="the validation dataset's root (overrides data.val.root)")
     p.add_argument("--out", help="output folder (default: <checkpoint dir>/test)")
-    p.add_argument("--mode", choices=("whole", "slide"), help="override eval.mode")
-    p.add_argument("--save-preds", action="store_true", help="also write predictions")
+    p.add_argument("--mode", choices=("whole", "slide"), help="inference mode (overrides eval.mode)")
+    p.add_argument("--save-preds", action="store_true", help="also write the predictions")
     p.add_argument("--format", choices=("color", "trainid", "cityscapes", "all"), default="all",
                    help="what --save-preds writes: colour PNGs, train-id PNGs, Cityscapes label-id PNGs")
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
-    p.add_argument("--allow-pickle", action="store_true", help="trust the checkpoint (unsafe unpickling)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="trust a checkpoint that needs arbitrary Python objects (unsafe unpickling)")
     _add_hrda_out(p)
     _add_runtime(p)
     p.set_defaults(_entry="dida.commands.test:main")
 
-    # ---- infer
-    p = sub.add_parser("infer", help="predict on your own images (overlays + label maps)")
+
+def _infer_parser(sub: Any) -> None:
+    p = _command(sub, "infer", "predict on your own images (palette overlays and train-id label maps)",
+                 "  dida infer work_dirs/my_dida/latest.pth my_images/ --out predictions --opacity 0.5\n"
+                 "  dida infer hf://ORG/my-dida street.jpg --img-scale 2048 1024")
     p.add_argument("checkpoint", help="checkpoint file, exported folder, or hf://ORG/REPO[/FILE][@REV]")
     p.add_argument("inputs", help="an image file or a folder of images")
     p.add_argument("--out", default="predictions", help="output folder")
-    p.add_argument("--opacity", type=float, default=0.5, help="palette opacity of the overlay")
-    p.add_argument("--config", help="preset or YAML describing the model (default: from the checkpoint)")
-    p.add_argument("--which", choices=("model", "ema_model"), default="model")
-    p.add_argument("--img-scale", type=int, nargs=2, default=(1024, 512), metavar=("LONG", "SHORT"))
-    p.add_argument("--recursive", action="store_true", help="also predict images in sub-folders")
-    p.add_argument("--allow-pickle", action="store_true", help="trust the checkpoint (unsafe unpickling)")
+    p.add_argument("--opacity", type=float, default=0.5, help="palette opacity of the overlay, in [0, 1]")
+    p.add_argument("--img-scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
+                   help="keep-ratio test resize (default: the model's, data.val.img_scale of its configuration)")
+    p.add_argument("--mode", choices=("whole", "slide"),
+                   help="inference mode (default: the model's, eval.mode of its configuration)")
+    p.add_argument("--recursive", action="store_true", help="also predict the images in sub-folders")
+    _add_model_source(p, "test settings")
     _add_hrda_out(p)
     _add_runtime(p)
     p.set_defaults(_entry="dida.commands.infer:main")
 
-    # ---- convert
-    p = sub.add_parser("convert", help="label ids -> train ids and rare-class statistics")
-    p.add_argument("dataset", choices=convertible_kinds())
+
+def _data_parsers(sub: Any) -> None:
+    from dida.commands.bank import bank_kinds
+    from dida.data.kinds import convertible_kinds
+
+    p = _command(sub, "convert", "convert label ids to train ids and write the rare-class statistics",
+                 "  dida convert gta data/gta --nproc 8\n  dida convert cityscapes data/cityscapes")
+    p.add_argument("dataset", choices=convertible_kinds(), help="the dataset's kind")
     p.add_argument("root", help="dataset root (e.g. data/gta)")
     p.add_argument("--nproc", type=int, default=4, help="parallel worker processes")
     p.add_argument("--force", action="store_true", help="re-convert files that already exist")
     p.set_defaults(_entry="dida.commands.convert:main")
 
-    # ---- bank
-    p = sub.add_parser("bank", help="instance-bank tools")
+    p = sub.add_parser("bank", help="instance-bank tools (DIDA)", formatter_class=_Help)
     bank_sub = p.add_subparsers(dest="bank_command", metavar="ACTION", required=True)
-    b = bank_sub.add_parser("build", help="build a class-balanced bank from a source-trained model")
-    b.add_argument("checkpoint")
-    b.add_argument("--data", required=True, help="source dataset root (converted)")
-    b.add_argument("--dataset", choices=bank_kinds(), default="gta")
-    b.add_argument("--size", type=int, default=300, help="number of bank entries K")
+    b = _command(bank_sub, "build", "build a class-balanced instance bank from a source-trained model",
+                 "  dida bank build work_dirs/gta2cs_source_only/latest.pth --size 300 --out embedding_cache/mine")
+    b.add_argument("checkpoint", help="checkpoint of a (source-only) model, exported folder or hf:// reference")
     b.add_argument("--out", required=True, help="folder for f_buffer_s.npz and l_buffer_s.npz")
-    b.add_argument("--config", help="preset or YAML describing the model (default: from the checkpoint)")
-    b.add_argument("--which", choices=("model", "ema_model"), default="model")
-    b.add_argument("--max-images", type=int, help="stop after this many images")
+    b.add_argument("--data", help="source dataset root, converted (default: data.source.root of the checkpoint's "
+                                  "configuration)")
+    b.add_argument("--dataset", choices=bank_kinds(),
+                   help="the source dataset's kind (default: data.source.kind of the checkpoint's configuration, "
+                        "else gta)")
+    b.add_argument("--size", type=int, default=300, help="number of bank entries K")
+    b.add_argument("--max-images", type=int, help="use at most this many images")
     b.add_argument("--img-scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
-                   help="test-pipeline resize (default: the source pipeline's, e.g. 1280 720 for gta)")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--allow-pickle", action="store_true")
+                   help="keep-ratio resize (default: the model's training scale, data.source.img_scale of its "
+                        "configuration; else the dataset kind's reference scale)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the image order and the reservoir sampling")
+    _add_model_source(b, "training data")
     _add_runtime(b)
     b.set_defaults(_entry="dida.commands.bank:main")
 
-    # ---- synth
-    p = sub.add_parser("synth", help="generate the synthetic domain-shift benchmark (GTA + Cityscapes layouts)")
+    p = _command(sub, "synth", "generate the synthetic domain-shift benchmark (GTA + Cityscapes layouts)",
+                 "  dida synth data/synth --size 256 128")
     p.add_argument("root", help="output folder; gets gta/ and cityscapes/")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-source", type=int, default=200)
-    p.add_argument("--num-target-train", type=int, default=200)
-    p.add_argument("--num-val", type=int, default=50)
-    p.add_argument("--size", type=int, nargs=2, default=(512, 256), metavar=("WIDTH", "HEIGHT"))
-    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated scenes")
+    p.add_argument("--num-source", type=int, default=200, help="source (GTA-like) images")
+    p.add_argument("--num-target-train", type=int, default=200, help="target (Cityscapes-like) training images")
+    p.add_argument("--num-val", type=int, default=50, help="target validation images")
+    p.add_argument("--size", type=int, nargs=2, default=(512, 256), metavar=("WIDTH", "HEIGHT"),
+                   help="image size")
+    p.add_argument("--nproc", type=int, default=2, help="parallel worker processes")
     p.set_defaults(_entry="dida.commands.synth:main")
 
-    # ---- convert-checkpoint
-    p = sub.add_parser("convert-checkpoint", help="turn an mmcv DIDA/DAFormer checkpoint into a dida one")
-    p.add_argument("input")
-    p.add_argument("output")
+
+def _weights_parsers(sub: Any) -> None:
+    p = _command(sub, "convert-checkpoint", "turn an mmcv DAFormer / DIDA checkpoint into a dida checkpoint",
+                 "  dida convert-checkpoint DIDA_gta2cs/latest.pth work_dirs/dida_gta2cs.pth")
+    p.add_argument("input", help="the mmcv checkpoint")
+    p.add_argument("output", help="the dida checkpoint to write")
     p.add_argument("--allow-pickle", action="store_true", help="trust the input (unsafe unpickling)")
     p.set_defaults(_entry="dida.commands.convert_checkpoint:main")
 
-    # ---- weights
-    p = sub.add_parser("weights", help="the model zoo: list known weights, fetch them, verify a file")
+    p = _command(sub, "weights", "the model zoo: list known weights, fetch them, verify a file",
+                 "  dida weights list\n  dida weights get mit_b5\n  dida weights verify latest.pth --name dida_gta2cs")
     p.set_defaults(_entry="dida.commands.weights:main")
     w_sub = p.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
-    w_sub.add_parser("list", help="known weights: where they live, reported mIoU, the preset evaluating them")
-    w = w_sub.add_parser("get", help="download NAME (or an hf:// reference) into the Hugging Face cache, or print "
-                                     "where to download it by hand (exit status 1)")
+    _command(w_sub, "list", "known weights: where they live, reported mIoU, the preset evaluating them")
+    w = _command(w_sub, "get", "download NAME (or an hf:// reference) into the Hugging Face cache, or print where "
+                               "to download it by hand (exit status 1)")
     w.add_argument("name", help="a name of `dida weights list`, or hf://ORG/REPO[/FILE][@REV]")
-    w = w_sub.add_parser("verify", help="check a file placed by hand: sha256, safe loading, the model it holds")
+    w = _command(w_sub, "verify", "check a file placed by hand: sha256, safe loading, the model it holds")
     w.add_argument("file", help="checkpoint file, exported folder or hf:// reference")
     w.add_argument("--name", help="the zoo entry it should be (checks its sha256 and model)")
     w.add_argument("--allow-pickle", action="store_true", help="trust the file (unsafe unpickling)")
 
-    # ---- export
-    p = sub.add_parser("export", help="write a Hub-ready model folder (safetensors, config, model card); upload it")
+    p = _command(sub, "export", "write a Hub-ready model folder (safetensors, config, model card); upload it",
+                 "  dida export work_dirs/my_dida --to exports/my-dida\n"
+                 "  dida export work_dirs/my_dida --to exports/my-dida --to-hub ORG/my-dida")
     p.add_argument("source", help="run directory (its latest.pth and config.yaml) or a checkpoint file")
     p.add_argument("--to", help="the folder to write")
     p.add_argument("--to-hub", metavar="ORG/REPO", help="upload the folder to this Hub repository")
-    p.add_argument("--checkpoint", help="checkpoint of the run directory to export (default latest.pth)")
+    p.add_argument("--checkpoint", help="checkpoint of the run directory to export (default: latest.pth)")
     p.add_argument("--config", help="preset or YAML, for a checkpoint that holds no configuration")
-    p.add_argument("--metrics", help="dida test metrics.json for the model card (default RUN_DIR/test/metrics.json)")
+    p.add_argument("--metrics", help="dida test metrics.json for the model card (default: RUN_DIR/test/metrics.json)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing --to folder / upload to an existing Hub repository")
     p.add_argument("--private", action="store_true", help="create the Hub repository private")
@@ -156,11 +201,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true", help="trust the checkpoint (unsafe unpickling)")
     p.set_defaults(_entry="dida.commands.export:main")
 
-    # ---- demo
-    p = sub.add_parser("demo", help="the embedded default: synth data, train 3 methods, evaluate, report")
-    p.add_argument("--out", default="work_dirs/demo")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--iters", type=int, help="override the iterations of each preset")
+
+def build_parser() -> argparse.ArgumentParser:
+    from dida import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="dida", formatter_class=_Help,
+        description="Unsupervised domain-adaptive semantic segmentation in plain PyTorch: DAFormer, DIDA, HRDA, "
+                    "MIC and foundation backbones, alone or combined.",
+        epilog="`dida COMMAND --help` describes each command. Start with `make demo` (README.md).",
+    )
+    parser.add_argument("--version", action="version", version=f"dida {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _train_parser(sub)
+    _test_parser(sub)
+    _infer_parser(sub)
+    _data_parsers(sub)
+    _weights_parsers(sub)
+    p = _command(sub, "demo", "the embedded default: generate the synthetic benchmark, train and evaluate five "
+                              "methods, write a report",
+                 "  dida demo                      # about 10 minutes on 2 CPU cores\n"
+                 "  dida demo --seed 1 --out work_dirs/demo_s1")
+    p.add_argument("--out", default="work_dirs/demo", help="output folder (data, runs, report.md)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (the benchmark data is fixed)")
+    p.add_argument("--iters", type=int, help="override the iterations of each method (default: the presets' 300)")
     p.add_argument("--quick", action="store_true", help="a tiny smoke version (for tests)")
     p.set_defaults(_entry="dida.commands.demo:main")
     return parser

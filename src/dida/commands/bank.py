@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from dida.data.kinds import DATASET_KINDS
-from dida.errors import CheckpointError, DataError
+from dida.errors import DataError
 from dida.runtime import resolve_device
 from dida.uda.bank_builder import FEATURES_FILE, LABELS_FILE, build_bank, format_histogram
 
@@ -32,26 +33,39 @@ def default_scale(model: Any, kind: str) -> tuple[int, int]:
     return round(scale[0] / context), round(scale[1] / context)
 
 
-def _load_model(args: Any) -> nn.Module:
-    """The model of ``--config`` (or the one the checkpoint describes) with the checkpoint's weights."""
-    from dida.checkpoint import load_checkpoint, model_cfg_from_checkpoint, read_checkpoint
+def _load_model(args: Any) -> tuple[nn.Module, Any]:
+    """The model of ``--config`` (or of the checkpoint's stored configuration) with the checkpoint's weights.
+
+    Returns:
+        (the model, the ``ResolvedConfig`` whose ``data.source`` gives the defaults of --dataset / --data /
+        --img-scale).
+    """
+    from dida.checkpoint import load_checkpoint, read_checkpoint
+    from dida.engine.checkpoint_config import config_for_checkpoint
     from dida.models import build_model
 
     ckpt = read_checkpoint(args.checkpoint, allow_pickle=bool(getattr(args, "allow_pickle", False)))
-    if getattr(args, "config", None):
-        from dida.config import load_config
+    resolved = config_for_checkpoint(ckpt, where=str(args.checkpoint), config=getattr(args, "config", None))
+    model = build_model(resolved.cfg.model)
+    load_checkpoint(model, ckpt, which=getattr(args, "which", "model"), source=str(args.checkpoint))
+    return model, resolved
 
-        model_cfg = load_config(args.config).model
-    else:
-        model_cfg = model_cfg_from_checkpoint(ckpt)
-        if model_cfg is None:
-            raise CheckpointError(
-                f"{args.checkpoint}: cannot tell which model this checkpoint holds. Pass --config with the "
-                "preset or YAML it was trained with."
-            )
-    model = build_model(model_cfg)
-    load_checkpoint(model, ckpt, which=getattr(args, "which", "model"))
-    return model
+
+def _data_settings(args: Any, model: nn.Module, resolved: Any) -> tuple[str, str, tuple[int, int], str]:
+    """(dataset kind, root, test scale, where they came from): the flags, else the run's source data."""
+    source = resolved.cfg.data.source
+    stored = not resolved.assumed  # the configuration came with the checkpoint (or --config)
+    kind = args.dataset or (source.kind if stored and source.kind in bank_kinds() else "gta")
+    root = args.data or (source.root if stored and kind == source.kind else None)
+    if not root:
+        raise DataError("--data: give the converted source dataset's root (the checkpoint's configuration does "
+                        f"not name a {kind} dataset).")
+    if args.img_scale:
+        return kind, root, (int(args.img_scale[0]), int(args.img_scale[1])), "--img-scale"
+    if stored and kind == source.kind:
+        scale = (int(source.img_scale[0]), int(source.img_scale[1]))
+        return kind, root, scale, f"the model's training scale (data.source.img_scale, {resolved.source})"
+    return kind, root, default_scale(model, kind), f"the {kind} reference scale"
 
 
 def _build_dataset(kind: str, root: str, num_classes: int) -> Any:
@@ -68,11 +82,13 @@ def main(args: argparse.Namespace) -> int:
     """``dida bank build CHECKPOINT --data ROOT --out DIR``: write ``f_buffer_s.npz`` / ``l_buffer_s.npz``."""
     if args.size < 1:
         raise DataError(f"--size must be >= 1, got {args.size}.")
-    model = _load_model(args)
+    model, resolved = _load_model(args)
     num_classes = int(model.num_classes)
-    dataset = _build_dataset(args.dataset, args.data, num_classes)
+    kind, root, img_scale, why = _data_settings(args, model, resolved)
+    dataset = _build_dataset(kind, root, num_classes)
     device = resolve_device(getattr(args, "device", "auto"))
-    img_scale = getattr(args, "img_scale", None) or default_scale(model, args.dataset)
+    print(f"bank from {len(dataset)} {kind} images in {root} at {img_scale[0]}x{img_scale[1]} ({why})",
+          file=sys.stderr)
     bank = build_bank(
         model,
         dataset,
@@ -81,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
         device=device,
         seed=getattr(args, "seed", 0),
         max_images=getattr(args, "max_images", None),
-        img_scale=tuple(img_scale),
+        img_scale=img_scale,
         amp=getattr(args, "amp", "off"),
     )
     out = Path(args.out)

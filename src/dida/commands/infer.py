@@ -20,10 +20,14 @@ from dida.visualize import overlay
 __all__ = ["main"]
 
 
-def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, str]:
-    """Build the model described by ``--config`` or by the checkpoint, and load its weights."""
-    from dida.checkpoint import load_checkpoint, model_cfg_from_checkpoint, read_checkpoint
-    from dida.config import ModelCfg, load_config
+def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Any]:
+    """The model described by ``--config`` or by the checkpoint's stored configuration, with its weights.
+
+    Returns:
+        (the model in eval mode on ``device``, the ``ResolvedConfig`` whose test settings apply).
+    """
+    from dida.checkpoint import load_checkpoint, read_checkpoint
+    from dida.engine.checkpoint_config import config_for_checkpoint
     from dida.hub import resolve
     from dida.models import build_model
 
@@ -31,28 +35,14 @@ def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
     if not Path(ckpt_path).exists():
         raise CheckpointError(f"{ckpt_path}: no such checkpoint file or exported model folder.")
     ckpt = read_checkpoint(ckpt_path, allow_pickle=args.allow_pickle)
-    ckpt_cfg = model_cfg_from_checkpoint(ckpt)
-    if args.config:
-        model_cfg = load_config(args.config).model
-        if ckpt_cfg is not None and ckpt_cfg.num_classes != model_cfg.num_classes:
-            raise CheckpointError(
-                f"{ckpt_path}: the checkpoint predicts {ckpt_cfg.num_classes} classes but {args.config} "
-                f"says model.num_classes={model_cfg.num_classes}."
-            )
-        source = str(args.config)
-    elif ckpt_cfg is not None:
-        model_cfg, source = ckpt_cfg, "the checkpoint"
-    else:
-        model_cfg = ModelCfg()
-        source = f"the default ({model_cfg.backbone}, {model_cfg.num_classes} classes)"
-    model_cfg.pretrained = None
-    model = build_model(model_cfg)
-    load_checkpoint(model, ckpt, which=args.which, allow_pickle=args.allow_pickle)
+    resolved = config_for_checkpoint(ckpt, where=ckpt_path, config=args.config)
+    model = build_model(resolved.cfg.model)
+    load_checkpoint(model, ckpt, which=args.which, allow_pickle=args.allow_pickle, source=ckpt_path)
     hrda_out = getattr(args, "hrda_out", None)
     if hrda_out:
-        model = hrda_branch(model, hrda_out, source=f"{ckpt_path} (model from {source})")
+        model = hrda_branch(model, hrda_out, source=f"{ckpt_path} ({resolved.describe()})")
     # HRDA needs input sizes that are multiples of a context cell: pad, predict, crop.
-    return align_input(model).to(device).eval(), source
+    return align_input(model).to(device).eval(), resolved
 
 
 def _attention(model: nn.Module, img_bgr: Any, args: argparse.Namespace, device: torch.device) -> Any:
@@ -85,17 +75,22 @@ def main(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.opacity <= 1.0:
         raise ConfigError(f"--opacity must be in [0, 1], got {args.opacity}.")
-    if len(args.img_scale) != 2 or min(args.img_scale) <= 0:
+    if args.img_scale is not None and (len(args.img_scale) != 2 or min(args.img_scale) <= 0):
         raise ConfigError(f"--img-scale needs two positive sizes, got {args.img_scale}.")
     device = resolve_device(args.device)
     out_dir = Path(args.out)
     inputs = Path(args.inputs)
     images = _find_images(inputs, out_dir, getattr(args, "recursive", False))
-    model, source = _load_model(args, device)
+    model, resolved = _load_model(args, device)
+    cfg = resolved.cfg
+    args.img_scale = tuple(args.img_scale or cfg.data.val.img_scale)
+    mode = args.mode or cfg.eval.mode
     num_classes = int(model.num_classes)
     attention = getattr(args, "hrda_out", None) == "att"
     what = "HRDA attention maps" if attention else f"{num_classes} classes"
-    print(f"model from {source}: {what}; {len(images)} image(s) -> {out_dir}", file=sys.stderr)
+    print(f"{cfg.model.segmentor} on {cfg.model.backbone}, {what}; test scale {args.img_scale[0]}x"
+          f"{args.img_scale[1]}, {mode} inference ({resolved.describe()}); {len(images)} image(s) -> {out_dir}",
+          file=sys.stderr)
 
     root = inputs if inputs.is_dir() else inputs.parent
     failed: list[tuple[Path, str]] = []
@@ -113,7 +108,8 @@ def main(args: argparse.Namespace) -> int:
             write_png(out_dir / rel / f"{path.stem}_attention.png", _attention(model, img, args, device))
             done += 1
             continue
-        pred = predict_image(model, img, img_scale=args.img_scale, device=device, amp=args.amp)
+        pred = predict_image(model, img, img_scale=args.img_scale, device=device, amp=args.amp, mode=mode,
+                             crop_size=cfg.eval.crop_size, stride=cfg.eval.stride)
         write_png(out_dir / rel / f"{path.stem}_pred.png", overlay(img, pred, args.opacity, num_classes))
         write_png(out_dir / rel / f"{path.stem}_labelTrainIds.png", pred)
         done += 1
