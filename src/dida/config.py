@@ -5,7 +5,8 @@ or user YAML -> dotted command-line overrides -> validated dataclass objects. Un
 types fail before any work starts; ranges are checked by ``validate``. Constructors never see these
 objects: builders translate them into typed keyword arguments.
 
-Every default reproduces the reference (DAFormer / DIDA experiments 7 and 8, ``../shared/spec``).
+Every default reproduces the reference implementations (DAFormer / DIDA experiments 7 and 8; HRDA / MIC as
+lhoyer/MIC computes them); deliberate departures are named options (docs/design.md).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dida.errors import ConfigError
 
 @dataclass
 class HRDACfg:
-    """HRDA's multi-resolution segmentor, read when ``segmentor: hrda`` (spec hrda_mic.md 1).
+    """HRDA's multi-resolution segmentor, read when ``segmentor: hrda``.
 
     Defaults are the MIC(HRDA) presets. Not configurable: the detail scale (1, as every reference
     preset and ablation) and ``feature_scale`` (the context features feed the feature distance).
@@ -148,7 +149,7 @@ class DatasetCfg:
     label_dir: str = "labels"
     img_suffix: str = ".png"
     label_suffix: str = "_labelTrainIds.png"
-    # Target only: HRDA's pseudo-label validity margins ("plcrop v2", hrda_mic.md 2.3) as [top, bottom, left,
+    # Target only: HRDA's pseudo-label validity margins ("plcrop v2") as [top, bottom, left,
     # right] pixels of the canvas below. The mask is resized (nearest), cropped and flipped with the image and
     # delivered as `valid_pseudo_mask`: the pseudo-weight is 0 outside it. null: off.
     pseudo_margins: list[int] | None = None
@@ -206,7 +207,7 @@ class EMACfg:
 
 @dataclass
 class FeatureDistanceCfg:
-    """DAFormer's ImageNet feature distance on thing classes (a training term, spec 5)."""
+    """DAFormer's ImageNet feature distance on thing classes (a training term)."""
 
     # The ImageNet feature distance term (DAFormer).
     enabled: bool = True
@@ -232,7 +233,7 @@ class AugmentCfg:
 
 @dataclass
 class BankCfg:
-    """DIDA's instance bank (spec 6.2-6.3)."""
+    """DIDA's instance bank, used by the dual-level term."""
 
     # from_file: the npz files below (the reference's or `dida bank build`'s); random: unit vectors.
     init: Literal["from_file", "random"] = "from_file"
@@ -253,7 +254,7 @@ class BankCfg:
 @dataclass
 class DualLevelCfg:
     """DIDA's dual-level interaction: the instance bank (``uda.bank``) and the calibrated instance loss
-    (a training term, spec 6.4-6.7)."""
+    (a training term)."""
 
     # DIDA's dual-level term (instance bank, calibrated instance loss).
     enabled: bool = False
@@ -272,11 +273,11 @@ class DualLevelCfg:
 
 @dataclass
 class MICCfg:
-    """MIC's masked image consistency (a training term, hrda_mic.md 4). Defaults: the MIC(HRDA) presets."""
+    """MIC's masked image consistency (a training term). Defaults: the MIC(HRDA) presets."""
 
     # MIC's masked image consistency term.
     enabled: bool = False
-    # Masked images (spec 4.3): separatetrg = target + pseudo-labels (GTA/SYN->CS presets); separatesrc = source
+    # Masked images: separatetrg = target + pseudo-labels (GTA/SYN->CS presets); separatesrc = source
     # (needs no teacher); separate = [source 0, target 0] (Q15: batch 2 only). "...aug": jitter + blur first.
     mode: Literal["separate", "separateaug", "separatesrc", "separatesrcaug", "separatetrg",
                   "separatetrgaug"] = "separatetrgaug"
@@ -288,7 +289,7 @@ class MICCfg:
     lambda_scope: Literal["seg_only", "all"] = "seg_only"  # seg_only (Q12): mask_lambda skips HRDA's detail term
     blur_gate: Literal["always", "follow_blur"] = "always"  # always (Q13): blur even if uda.augment.blur=false
     blur_sigma: Literal["per_batch", "per_image"] = "per_batch"  # per_batch (Q13): one sigma for the batch
-    # The MIC teacher (spec 4.5). null / null / true = the reference's 'same'/'same' (every preset): reuse the
+    # The MIC teacher. null / null / true = the reference's 'same'/'same' (every preset): reuse the
     # DACS teacher's pseudo-labels. Anything else builds a separate EMA teacher (ablations, Table 7).
     alpha: Optional[float] = None  # its EMA cap; null = 'same' (uda.ema.alpha); 0 = the student itself
     pseudo_threshold: Optional[float] = None  # its confidence threshold; null = 'same' (uda.pseudo_threshold)
@@ -832,6 +833,7 @@ def describe_schema() -> str:
     """Every key with its default, allowed values and a description, for ``dida train --help-config``."""
     cfg = load_config()
     lines = ["# Every configuration key: default  # [allowed values] description. Set any key on the command line",
-             "# as section.key=value (e.g. train.max_iters=1000) or in a YAML file that may `inherit:` a preset."]
+             "# as section.key=value (e.g. train.max_iters=1000) or in a YAML file that may `inherit:` a preset.",
+             "# Qn names the reference implementation's quirk n (the quirk tables of docs/design.md)."]
     _describe(type(cfg), cfg, 0, lines)
     return "\n".join(lines)
