@@ -8,6 +8,7 @@ DIDA's change is kept: ``forward`` returns the fused feature map F (the "embeddi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -74,13 +75,20 @@ class DAFormerHead(nn.Module):
         dilations: Sequence[int] = (1, 6, 12, 18),
         dropout_ratio: float = 0.1,
         init: bool = True,
+        fusion: Literal["sep_aspp", "conv"] = "sep_aspp",
     ) -> None:
         super().__init__()
         self.in_channels = [int(c) for c in in_channels]
         self.channels = int(channels)
         self.num_classes = int(num_classes)
         self.embed_layers = nn.ModuleList(LinearEmbed(c, self.channels) for c in self.in_channels)
-        self.fuse_layer = ASPPWrapper(self.channels * len(self.in_channels), self.channels, dilations)
+        fused_in = self.channels * len(self.in_channels)
+        if fusion == "sep_aspp":
+            self.fuse_layer: nn.Module = ASPPWrapper(fused_in, self.channels, dilations)
+        elif fusion == "conv":  # HRDA's scale-attention head: a 1x1 ConvModule
+            self.fuse_layer = ConvModule(fused_in, self.channels, 1)
+        else:
+            raise ValueError(f"DAFormerHead: fusion must be 'sep_aspp' or 'conv', got {fusion!r}")
         self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else nn.Identity()
         self.conv_seg = nn.Conv2d(self.channels, self.num_classes, kernel_size=1)
         if init:
@@ -98,7 +106,7 @@ class DAFormerHead(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if len(features) != len(self.embed_layers):
             n = len(self.embed_layers)
-            raise ValueError(f"DAFormerHead expects {n} feature maps, got {len(features)}")
+            raise ValueError(f"{type(self).__name__} expects {n} feature maps, got {len(features)}")
         size = features[0].shape[-2:]
         embedded = []
         for i, (layer, x) in enumerate(zip(self.embed_layers, features)):

@@ -14,21 +14,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dida.models.daformer_head import DAFormerHead, LinearEmbed
-from dida.models.layers import ConvModule, reset_linear_default
+from dida.models.daformer_head import DAFormerHead
 
 __all__ = ["HRDAHead", "ScaleAttentionHead"]
 
 
-class ScaleAttentionHead(nn.Module):
-    """Per-level Linear embeddings, upsampled to level 0, concatenated, 1x1 conv + BN + ReLU, classifier.
+class ScaleAttentionHead(DAFormerHead):
+    """The DAFormer head with a 1x1 ConvModule fusion: per-level Linear embeddings, upsampled to level 0,
+    concatenated, 1x1 conv + BN + ReLU, Dropout2d, classifier.
 
-    ``forward(features)`` takes the backbone maps ([B, C_i, h_i, w_i], finest first) and returns
-    ``(embedding [B, D, h_0, w_0], logits [B, num_outputs, h_0, w_0])``: the attention *logits* (the
-    sigmoid is applied by ``HRDAHead.attention``). Same return convention as ``DAFormerHead``.
+    ``forward(features)`` returns ``(embedding [B, D, h_0, w_0], logits [B, num_outputs, h_0, w_0])``: the
+    attention *logits* (the sigmoid is applied by ``HRDAHead.attention``).
 
     Args:
         in_channels: channels of the backbone maps.
@@ -40,39 +38,12 @@ class ScaleAttentionHead(nn.Module):
 
     def __init__(self, in_channels: Sequence[int], *, channels: int, num_outputs: int, dropout_ratio: float,
                  init: bool = True) -> None:
-        super().__init__()
-        self.in_channels = [int(c) for c in in_channels]
-        self.channels = int(channels)
-        self.num_outputs = int(num_outputs)
-        self.embed_layers = nn.ModuleList(LinearEmbed(c, self.channels) for c in self.in_channels)
-        self.fuse_layer = ConvModule(self.channels * len(self.in_channels), self.channels, 1)
-        self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else nn.Identity()
-        self.conv_seg = nn.Conv2d(self.channels, self.num_outputs, kernel_size=1)
-        if init:
-            self.init_weights()
+        super().__init__(in_channels, channels, num_outputs, dilations=(), dropout_ratio=dropout_ratio, init=init,
+                         fusion="conv")
 
-    @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """As the DAFormer head: Linear PyTorch default, ConvModule kaiming fan_out, conv_seg N(0, 0.01)."""
-        for layer in self.embed_layers:
-            reset_linear_default(layer.proj, generator)
-        self.fuse_layer.init_weights(generator)
-        nn.init.normal_(self.conv_seg.weight, 0.0, 0.01, generator=generator)
-        nn.init.zeros_(self.conv_seg.bias)
-
-    def forward(self, features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        if len(features) != len(self.embed_layers):
-            raise ValueError(f"ScaleAttentionHead expects {len(self.embed_layers)} feature maps, "
-                             f"got {len(features)}")
-        size = features[0].shape[-2:]
-        embedded = []
-        for i, (layer, x) in enumerate(zip(self.embed_layers, features)):
-            e = layer(x)
-            if i > 0 and e.shape[-2:] != size:
-                e = F.interpolate(e, size=size, mode="bilinear", align_corners=False)
-            embedded.append(e)
-        embedding = self.fuse_layer(torch.cat(embedded, dim=1))
-        return embedding, self.conv_seg(self.dropout(embedding))
+    @property
+    def num_outputs(self) -> int:
+        return self.num_classes
 
 
 class HRDAHead(nn.Module):
