@@ -360,6 +360,11 @@ class HRDASegmentor(BaseSegmentor):
         detail_features = self._encode(detail_input if box is None else box.crop(detail_input))
         embedding, context_logits, detail_logits, attention = self.decode_head(
             context_features, detail_features)
+        return self._output(context_features, embedding, context_logits, detail_logits, attention, box)
+
+    def _output(self, context_features: list[Tensor], embedding: Tensor, context_logits: Tensor,
+                detail_logits: Tensor, attention: Tensor | float, box: DetailBox | None) -> HRDAOutput:
+        """Fuse the two scales (spec 1.4; masked to ``box`` when given) into the returned ``HRDAOutput``."""
         fused, scaled_context, attention = fuse_scales(
             context_logits, attention, detail_logits, box=box, output_stride=self.output_stride,
             context_scale=self.context_scale)
@@ -392,13 +397,7 @@ class HRDASegmentor(BaseSegmentor):
         Context: the whole input at s_L. Detail: c-windows with stride c/2 (or c), all batched through the
         backbone and the head in one pass (window-major), averaged by coverage count.
         """
-        context_features, embedding, context_logits, detail_logits, attention = self._test_parts(img)
-        fused, scaled_context, attention = fuse_scales(
-            context_logits, attention, detail_logits, box=None, output_stride=self.output_stride,
-            context_scale=self.context_scale)
-        return HRDAOutput(features=context_features, embedding=embedding, logits=fused,
-                          detail_logits=detail_logits, context_logits=scaled_context,
-                          attention=self._attention_tensor(attention, context_logits), detail_box=None)
+        return self._output(*self._test_parts(img), None)
 
     def predict_branches(self, img: Tensor) -> HRDABranches:
         """Context-only and detail-only predictions and the attention map of ``predict(img)`` (spec 1.7)."""
