@@ -68,3 +68,12 @@ def test_bad_inputs_give_one_clear_error(run_dir, tmp_path):
         model.predict(tmp_path / "missing.png")
     with pytest.raises(CheckpointError, match="no such file"):
         dida.load_model(tmp_path / "missing.pth")
+
+
+def test_bf16_inference_runs_the_model_in_bf16(run_dir, fake_data):
+    fp32 = dida.load_model(run_dir / "latest.pth", device="cpu")
+    bf16 = dida.load_model(run_dir / "latest.pth", device="cpu", amp="bf16")
+    assert all(p.dtype == torch.bfloat16 for p in bf16.model.parameters())
+    path = _an_image(fake_data)
+    a, b = fp32.predict(path), bf16.predict(path)
+    assert a.shape == b.shape and (a == b).mean() > 0.9  # bf16 rounding flips only near-ties

@@ -109,14 +109,13 @@ def load_model(checkpoint: str | os.PathLike[str], *, which: str = "model", conf
     from dida.engine.checkpoint_config import config_for_checkpoint
     from dida.hub import resolve
     from dida.models import build_model
-    from dida.runtime import amp_dtype, resolve_device
+    from dida.runtime import inference_precision, resolve_device
 
-    amp_dtype(amp)  # validates the setting
     path = Path(resolve(str(checkpoint), which=which))
     ckpt = read_checkpoint(path, allow_pickle=allow_pickle)
     resolved = config_for_checkpoint(ckpt, where=str(checkpoint), config=config)
     model = build_model(resolved.cfg.model)
     load_checkpoint(model, ckpt, which=which, source=str(checkpoint))
     dev = resolve_device(device)
-    return Predictor(model=model.to(dev).eval(), cfg=resolved.cfg, device=dev, amp=amp,
-                     settings=resolved.describe())
+    model, amp = inference_precision(model.to(dev).eval(), amp)  # bf16: the weights themselves
+    return Predictor(model=model, cfg=resolved.cfg, device=dev, amp=amp, settings=resolved.describe())

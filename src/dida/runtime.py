@@ -10,7 +10,7 @@ import torch
 
 from dida.errors import ConfigError
 
-__all__ = ["AMP_DTYPES", "amp_dtype", "autocast", "compile_models", "resolve_device"]
+__all__ = ["AMP_DTYPES", "amp_dtype", "autocast", "compile_models", "inference_precision", "resolve_device"]
 
 # "off" runs in float32 (TF32 matmuls where the backend allows them).
 AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -70,3 +70,13 @@ def compile_models(module: torch.nn.Module, *, backend: str, mode: str | None) -
             m._dida_compiled = True
             count += 1
     return count
+
+
+def inference_precision(model: torch.nn.Module, amp: str) -> tuple[torch.nn.Module, str]:
+    """A model for inference at ``amp``: with "bf16" its weights are cast to bfloat16 once (no per-forward
+    casts, no float32 master copy needed: nothing is trained) and the returned setting is "off" (the inputs
+    follow the weights' dtype in ``dida.models.inference``); other settings leave the model as it is."""
+    amp_dtype(amp)
+    if amp == "bf16":
+        return model.to(torch.bfloat16), "off"
+    return model, amp

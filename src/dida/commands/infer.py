@@ -14,7 +14,7 @@ from dida.engine.hrda_outputs import align_input, attention_image, hrda_branch
 from dida.engine.predict import IMAGE_SUFFIXES, list_images, predict_image
 from dida.errors import CheckpointError, ConfigError, DataError, DidaError
 from dida.io import write_png
-from dida.runtime import resolve_device
+from dida.runtime import inference_precision, resolve_device
 from dida.visualize import overlay
 
 __all__ = ["main"]
@@ -50,7 +50,7 @@ def _attention(model: nn.Module, img_bgr: Any, args: argparse.Namespace, device:
     from dida.data.transforms import TestPipeline
     from dida.runtime import autocast
 
-    img = TestPipeline(tuple(args.img_scale))(img_bgr).to(device)
+    img = TestPipeline(tuple(args.img_scale))(img_bgr).to(device, next(model.parameters()).dtype)
     with torch.no_grad(), autocast(device, args.amp):
         return attention_image(model, img[None], out_size=img_bgr.shape[:2])
 
@@ -82,6 +82,7 @@ def main(args: argparse.Namespace) -> int:
     inputs = Path(args.inputs)
     images = _find_images(inputs, out_dir, getattr(args, "recursive", False))
     model, resolved = _load_model(args, device)
+    model, args.amp = inference_precision(model, args.amp)  # bf16: the weights themselves, no autocast
     cfg = resolved.cfg
     args.img_scale = tuple(args.img_scale or cfg.data.val.img_scale)
     mode = args.mode or cfg.eval.mode

@@ -16,7 +16,7 @@ from dida.constants import class_names
 from dida.data.kinds import DATASET_KINDS
 from dida.errors import CheckpointError, ConfigError, DataError
 from dida.hub import is_export_folder, is_hub_ref, local_output_dir, resolve, resolve_config
-from dida.runtime import resolve_device
+from dida.runtime import inference_precision, resolve_device
 
 __all__ = ["main", "metrics_to_json"]
 
@@ -164,7 +164,7 @@ def _write_outputs(args: argparse.Namespace, cfg: Any, metrics: dict[str, Any], 
 
 
 def _write_attention(args: argparse.Namespace, cfg: Any, model: Any, val: Any, dataset: Any, out_dir: Path,
-                     device: Any) -> int:
+                     device: Any, amp: str) -> int:
     """``--hrda-out att``: the attention map of every val image as an 8-bit PNG (x255); no metrics."""
     import torch
 
@@ -178,8 +178,9 @@ def _write_attention(args: argparse.Namespace, cfg: Any, model: Any, val: Any, d
     model.eval()
     for i in range(total):
         item = val[i]
-        with torch.no_grad(), autocast(device, args.amp):
-            att = attention_image(model, item["img"][None].to(device), out_size=item["ori_shape"],
+        with torch.no_grad(), autocast(device, amp):
+            img = item["img"][None].to(device, next(model.parameters()).dtype)
+            att = attention_image(model, img, out_size=item["ori_shape"],
                                   mode=cfg.eval.mode, crop_size=cfg.eval.crop_size, stride=cfg.eval.stride,
                                   batched_slide=cfg.eval.batched_slide)
         stem = _prediction_stem(str(item["filename"]), img_root, suffix)
@@ -214,12 +215,13 @@ def main(args: argparse.Namespace) -> int:
     hrda_out = getattr(args, "hrda_out", None)
     if hrda_out:
         model = hrda_branch(model, hrda_out, source=f"{ckpt_path} ({args.config})")
-    model = align_input(model).to(device)
+    # bf16: the weights themselves are cast (no autocast); metrics.json still records the requested setting
+    model, amp = inference_precision(align_input(model).to(device), args.amp)
 
     out_dir = Path(args.out) if args.out else local_output_dir(ckpt_ref, Path(ckpt_path)) / "test"
     out_dir.mkdir(parents=True, exist_ok=True)
     if hrda_out == "att":
-        return _write_attention(args, cfg, model, val, dataset, out_dir, device)
+        return _write_attention(args, cfg, model, val, dataset, out_dir, device, amp)
     writer = None
     if args.save_preds:
         formats = ("color", "trainid", "cityscapes") if args.format == "all" else (args.format,)
@@ -229,7 +231,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         metrics = evaluate(
             model, val, device=device, mode=cfg.eval.mode, crop_size=cfg.eval.crop_size,
-            stride=cfg.eval.stride, batched_slide=cfg.eval.batched_slide, amp=args.amp,
+            stride=cfg.eval.stride, batched_slide=cfg.eval.batched_slide, amp=amp,
             num_classes=cfg.model.num_classes,
             max_images=args.limit, on_prediction=writer, num_workers=workers,
         )

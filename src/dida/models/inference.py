@@ -107,6 +107,9 @@ def inference(
     Returns:
         probs [B, C, *out_size] (or [B, C, H, W]), in the dtype of the logits.
     """
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is not None and img.is_floating_point() and img.dtype != weight.dtype:
+        img = img.to(weight.dtype)  # a model cast to bf16 for inference (dida.runtime.inference_precision)
     with torch.no_grad():
         if mode == "whole":
             logits = model.logits(img)
