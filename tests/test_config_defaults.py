@@ -272,6 +272,7 @@ TRAIN = {
     # 4.6: "no fp16"; plain layouts and eager mode (dida's performance options, off).
     "train.amp": "off",
     "train.channels_last": False,
+    "train.distributed": "ddp",
     "train.compile": False,
     "train.compile_backend": "inductor",
     "train.compile_mode": None,

@@ -380,6 +380,10 @@ class TrainCfg:
     amp: Literal["off", "bf16", "fp16"] = "off"
     # Student and batches in channels-last memory layout.
     channels_last: bool = False
+    # Several processes (torchrun): ddp wraps the student in DistributedDataParallel (gradients averaged during
+    # the last backward of the step, overlapped with it); flat_allreduce averages them in one flat all-reduce
+    # after all backward passes. Same result up to float rounding.
+    distributed: Literal["ddp", "flat_allreduce"] = "ddp"
     # torch.compile the student, the EMA teacher and the terms' frozen models (same numbers up to float rounding).
     compile: bool = False
     # Its backend and mode (torch.compile's `backend`, `mode`): inductor generates fused kernels; aot_eager

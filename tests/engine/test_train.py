@@ -209,21 +209,32 @@ def _ddp_worker(rank: int, world: int, port: int, cfg, out_dir: str) -> None:
     train(cfg, on_end=dump)
 
 
+def _two_process_run(data_root: Path, out: Path, mode: str) -> tuple[dict, dict]:
+    cfg = tiny(data_root, out / "run", "train.max_iters=3", "uda.dual_level.enabled=true",
+               "uda.bank.init=random", "uda.bank.size=19", "uda.bank.update_interval=2",
+               "uda.mic.enabled=true", "uda.mic.block_size=8", f"train.distributed={mode}")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(out)), nprocs=2, join=True)
+    return torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
+
+
 def test_two_process_gloo_run_keeps_ranks_identical(data_root, tmp_path):
-    cfg = tiny(data_root, tmp_path / "run", "train.max_iters=3", "uda.dual_level.enabled=true",
-               "uda.bank.init=random", "uda.bank.size=19", "uda.bank.update_interval=2")
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    assert set(r0) == {"model", "ema_model", "feature_distance", "dual_level"}
-    for key in r0:
-        for name, t in r0[key].items():
-            if name.endswith(("running_mean", "running_var", "num_batches_tracked")):
-                continue  # BatchNorm statistics are per rank (no SyncBN, as in the reference)
-            assert torch.equal(t, r1[key][name]), f"{key}.{name} differs across ranks"
-    # The ranks saw different data: their BN statistics differ.
-    assert not torch.equal(r0["model"]["decode_head.fuse_layer.bottleneck.bn.running_mean"],
-                           r1["model"]["decode_head.fuse_layer.bottleneck.bn.running_mean"])
+    """DistributedDataParallel (no_sync in every phase but the last: here source, mixed and MIC) and the flat
+    all-reduce both keep the ranks identical, and give the same model."""
+    runs = {mode: _two_process_run(data_root, tmp_path / mode, mode) for mode in ("ddp", "flat_allreduce")}
+    for r0, r1 in runs.values():
+        assert set(r0) == {"model", "ema_model", "feature_distance", "dual_level", "mic"}
+        for key in r0:
+            for name, t in r0[key].items():
+                if name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                    continue  # BatchNorm statistics are per rank (no SyncBN, as in the reference)
+                assert torch.equal(t, r1[key][name]), f"{key}.{name} differs across ranks"
+        # The ranks saw different data: their BN statistics differ.
+        assert not torch.equal(r0["model"]["decode_head.fuse_layer.bottleneck.bn.running_mean"],
+                               r1["model"]["decode_head.fuse_layer.bottleneck.bn.running_mean"])
+    ddp, flat = runs["ddp"][0]["model"], runs["flat_allreduce"][0]["model"]
+    for name, t in ddp.items():
+        torch.testing.assert_close(t, flat[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_an_empty_feature_distance_mask_is_logged_as_nan_and_training_goes_on(data_root, tmp_path, monkeypatch):

@@ -229,8 +229,11 @@ def test_layer_decay_freezing_and_token_decay(dinov2_hub):
     p2 = dict(model2.named_parameters())
     emb = g2[id(p2["backbone.vit.embeddings.patch_embeddings.projection.weight"])]
     assert emb["base_lr"] == pytest.approx(0.5 ** 5) and emb["weight_decay"] == 0.01
-    for name in ("cls_token", "position_embeddings", "mask_token"):
+    for name in ("cls_token", "position_embeddings"):
         assert g2[id(p2[f"backbone.vit.embeddings.{name}"])]["weight_decay"] == 0.0
+    # the masked-image-modelling token is never read by segmentation: frozen, outside the optimizer
+    mask_token = p2["backbone.vit.embeddings.mask_token"]
+    assert not mask_token.requires_grad and id(mask_token) not in g2
     # a frozen block gets no gradient; the first trained one does
     out = model(torch.randn(1, 3, 32, 32))
     out.logits.sum().backward()

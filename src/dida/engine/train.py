@@ -292,8 +292,16 @@ class _TrainingRun:
             for module in (self.state.student, self.state.teacher, *self.state.terms.values()):
                 if module is not None:
                     compile_models(module, backend=cfg.train.compile_backend, mode=cfg.train.compile_mode)
+        self.ddp = None
+        if self.world > 1 and cfg.train.distributed == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            # BatchNorm statistics stay per process (no SyncBN, no buffer broadcast), as without DDP.
+            self.ddp = DistributedDataParallel(
+                self.state.student, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
         self.step = build_step(cfg.uda, student=self.state.student, teacher=self.state.teacher,
-                               terms=self.state.terms)
+                               terms=self.state.terms, ddp=self.ddp)
         self.writer = MetricWriter(self.run_dir, max_iters=cfg.train.max_iters, start_iter=self.state.iteration,
                                    enabled=self.is_main)
         self.visualizer = DebugVisualizer(self.run_dir / "debug")
@@ -324,7 +332,7 @@ class _TrainingRun:
         start = f"resuming from iteration {self.state.iteration}" if resuming else "starting at iteration 0"
         return "\n".join([
             f"dida {__version__}, torch {torch.__version__}, device {self.device}{gpu}{threads}, "
-            f"{self.world} process(es)",
+            f"{self.world} process(es)" + (f" ({cfg.train.distributed})" if self.world > 1 else ""),
             f"run directory: {self.run_dir} (config.yaml, train.log, metrics.jsonl, eval.jsonl, checkpoints)",
             f"model: {m.segmentor} on {m.backbone}, {m.num_classes} classes, {params:,} parameters; "
             f"pretrained: {m.pretrained or 'none (random initialisation)'}",
@@ -443,7 +451,8 @@ class _TrainingRun:
         """
         state, o, it = self.state, self.cfg.optim, self.state.iteration
         params = [p for p in state.student.parameters() if p.grad is not None]
-        dist_utils.all_reduce_gradients(params)
+        if self.ddp is None:  # DistributedDataParallel averaged them during the last backward
+            dist_utils.all_reduce_gradients(params)
         if state.scaler is not None:
             state.scaler.unscale_(state.optimizer)
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())

@@ -224,6 +224,11 @@ class FoundationViT(nn.Module):
         for block, rate in zip(blocks, rates):
             # dida's DropPath: per-block rates, and the EMA teacher recognises it (drop-path off).
             block.drop_path = DropPath(rate) if rate > 0 else nn.Identity()
+        mask_token = getattr(self.vit.embeddings, "mask_token", None)
+        if isinstance(mask_token, nn.Parameter):
+            # masked-image-modelling token: no segmentation forward reads it. Frozen, so that every trainable
+            # parameter gets a gradient (DistributedDataParallel requires it).
+            mask_token.requires_grad_(False)
         if self.frozen_blocks:
             self.vit.embeddings.requires_grad_(False)
             for block in blocks[: self.frozen_blocks]:

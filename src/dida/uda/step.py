@@ -27,7 +27,7 @@ gradients).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -86,6 +86,9 @@ class SelfTrainingStep:
         mean, std: the image normalisation (0..255 scale).
         autocast_device_type, autocast_dtype: run the network forwards under this autocast (None: leave
             whatever autocast context the caller set).
+        ddp: the student wrapped in ``DistributedDataParallel`` (multi-process training), or None. The
+            student's forwards run through it; every phase but the last runs under its ``no_sync``, so the
+            gradients of all phases are averaged once, during the last backward.
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class SelfTrainingStep:
         std: Sequence[float],
         autocast_device_type: str | None,
         autocast_dtype: torch.dtype | None,
+        ddp: torch.nn.Module | None,
     ) -> None:
         self.terms: list[Term] = list(terms.values() if isinstance(terms, Mapping) else terms)
         if teacher is None and any(t.needs_teacher for t in self.terms):
@@ -125,6 +129,7 @@ class SelfTrainingStep:
         self.std = tuple(float(v) for v in std)
         self.autocast_device_type = autocast_device_type
         self.autocast_dtype = autocast_dtype
+        self.ddp = ddp
 
     @property
     def self_training(self) -> bool:
@@ -212,16 +217,21 @@ class SelfTrainingStep:
             if backward is not None:
                 backward(total)
 
+        phases = self._sync_schedule(ctx)
         if self.self_training:
             self.update_teacher(step)  # 1.
         for term in self.terms:
             term.on_step_start(ctx)
         gates = draw_gates(generator, self.blur)  # 2.
+        next(phases)
         run_backward(self.source_stage(ctx, losses))  # 3.
         ctx.source_output = None
         if self.self_training:
+            next(phases)
             self._self_training_phase(ctx, batch, gates, losses, run_backward)  # 4-5.
         for term in self.terms:  # 6.
+            if _has_own_forward(term):
+                next(phases)
             own = term.own_forward(ctx)
             if own:
                 run_backward(_phase_sum(None, [own], losses))
@@ -230,6 +240,18 @@ class SelfTrainingStep:
         if backward is not None:
             losses = {k: v.detach() for k, v in losses.items()}
         return StepOutput(losses=losses, stats={k: v.detach() for k, v in ctx.stats.items()}, debug=ctx.debug)
+
+    def _sync_schedule(self, ctx: StepContext) -> Iterator[None]:
+        """Advanced before each phase's forward: sets ``ctx.no_sync`` so that only the last phase's backward
+        averages gradients over processes (with ``ddp``)."""
+        ctx.forward_model = self.ddp
+        count = 1 + int(self.self_training) + sum(_has_own_forward(t) for t in self.terms)
+        for phase in range(count):
+            last = phase == count - 1
+            ctx.no_sync = contextlib.nullcontext if self.ddp is None or last else self.ddp.no_sync  # type: ignore
+            yield
+        while True:  # a term that forwards more than once: all in the last phase
+            yield
 
     def _self_training_phase(self, ctx: StepContext, batch: dict[str, Any], gates: AugmentGates,
                              losses: dict[str, Tensor], run_backward: Callable[[Tensor], None]) -> None:
@@ -254,6 +276,10 @@ class SelfTrainingStep:
                 "pseudo_weight": ctx.pseudo.weight, "mix_mask": ctx.mixed.mask.float(),
                 "mixed": ctx.mixed.image.detach(), "mixed_label": ctx.mixed.labels,
             })
+
+
+def _has_own_forward(term: Term) -> bool:
+    return type(term).own_forward is not Term.own_forward
 
 
 def _phase_sum(first: Tensor | None, parts: Sequence[Mapping[str, Tensor]], losses: dict[str, Tensor]) -> Tensor:
@@ -281,7 +307,7 @@ def _check_batch(batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
 
 def build_step(cfg: UDACfg, *, student: BaseSegmentor, teacher: EMATeacher | None,
                terms: Sequence[Term] | Mapping[str, Term], amp: str = "off",
-               device_type: str | None = None) -> SelfTrainingStep:
+               device_type: str | None = None, ddp: torch.nn.Module | None = None) -> SelfTrainingStep:
     """Translate ``dida.config.UDACfg`` into a ``SelfTrainingStep`` around the given models and terms.
 
     Args:
@@ -300,5 +326,5 @@ def build_step(cfg: UDACfg, *, student: BaseSegmentor, teacher: EMATeacher | Non
         pseudo_weight_ignore_top=cfg.pseudo_weight_ignore_top,
         pseudo_weight_ignore_bottom=cfg.pseudo_weight_ignore_bottom, mix_classes=cfg.mix_classes,
         color_jitter_strength=aug.color_jitter_strength, color_jitter_prob=aug.color_jitter_prob, blur=aug.blur,
-        mean=IMG_MEAN, std=IMG_STD, autocast_device_type=device_type, autocast_dtype=dtype,
+        mean=IMG_MEAN, std=IMG_STD, autocast_device_type=device_type, autocast_dtype=dtype, ddp=ddp,
     )

@@ -92,6 +92,9 @@ class StepContext:
         mixed: the mixed batch (None without self-training).
         stats: detached scalars to log; debug: tensors for the debug visualiser, or None.
         autocast: returns the context manager the step runs network forwards in.
+        forward_model: the distributed wrapper of the student (``DistributedDataParallel``) or None.
+        no_sync: returns the context a forward runs in: the wrapper's ``no_sync`` in every phase but the last
+            (gradients are averaged over processes once, overlapped with the last backward), else a null one.
     """
 
     step: int
@@ -109,10 +112,14 @@ class StepContext:
     stats: dict[str, Tensor] = field(default_factory=dict)
     debug: dict[str, Tensor] | None = None
 
+    forward_model: nn.Module | None = None
+    no_sync: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+
     def forward(self, img: Tensor) -> SegmentorOutput:
-        """The student's training forward on ``img`` under the step's autocast."""
-        with self.autocast():
-            return self.student(img)
+        """The student's training forward on ``img`` under the step's autocast (through the distributed wrapper
+        when there is one; the step decides whether this forward's backward synchronises gradients)."""
+        with self.autocast(), self.no_sync():
+            return (self.forward_model or self.student)(img)
 
     @property
     def ignore_index(self) -> int:
