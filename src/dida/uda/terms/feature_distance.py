@@ -79,6 +79,9 @@ def build(cfg: Config, ctx: TermBuildContext) -> FeatureDistanceTerm:
     imnet = build_model(cfg.model)
     if cfg.model.pretrained:
         load_checkpoint(imnet.backbone, cfg.model.pretrained)
+    if cfg.train.amp == "bf16":
+        # Frozen: no float32 master weights are needed, and bf16 weights spare autocast a cast per forward.
+        imnet.to(torch.bfloat16)
     fd = cfg.uda.feature_distance
     return FeatureDistanceTerm(imnet, weight=fd.weight, classes=fd.classes, min_ratio=fd.scale_min_ratio,
                                empty=fd.empty_mask, num_classes=cfg.model.num_classes)
