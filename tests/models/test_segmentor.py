@@ -143,3 +143,16 @@ def test_inference_argument_errors(tiny):
         inference(tiny, img, "slide")
     with pytest.raises(ValueError, match="unknown inference mode"):
         inference(tiny, img, "tiles")
+
+
+def test_inference_refuses_raw_images(tiny_model_kwargs):
+    from dida.errors import DataError
+
+    model = build_segmentor(**tiny_model_kwargs, generator=torch.Generator().manual_seed(0)).eval()
+    raw = torch.randint(0, 256, (1, 3, 32, 32), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(DataError, match="normalised float"):
+        inference(model, raw)
+    with pytest.raises(DataError, match="raw 0-255 pixels"):
+        inference(model, raw.float())
+    probs = inference(model, (raw.float() - 120.0) / 58.0)  # normalised: fine
+    assert probs.shape == (1, 4, 32, 32)

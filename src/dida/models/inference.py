@@ -79,6 +79,26 @@ def slide_logits(
     return preds / count
 
 
+# ImageNet-normalised images lie within about [-2.2, 2.7]; raw 0-255 pixels reach far beyond this.
+_NORMALISED_BOUND = 20.0
+
+
+def _check_normalised(img: torch.Tensor) -> None:
+    """Refuse raw images: integer tensors, or values far outside the normalised range (one small sync)."""
+    from dida.errors import DataError
+
+    if not img.is_floating_point():
+        raise DataError(f"inference: expected a normalised float image batch [B, 3, H, W], got {img.dtype}. "
+                        "Normalise it first (dida.data.transforms.normalize, or use dida.load_model(...).predict "
+                        "on the raw image).")
+    peak = float(img[..., ::8, ::8].detach().abs().amax()) if img.numel() else 0.0
+    if peak > _NORMALISED_BOUND:
+        raise DataError(
+            f"inference: the image batch reaches |x| = {peak:.0f}: it looks like raw 0-255 pixels, but the model "
+            "expects ImageNet-normalised input ((x - mean) / std with mean 123.675, 116.28, 103.53 and std "
+            "58.395, 57.12, 57.375, RGB). Normalise it first, or use dida.load_model(...).predict.")
+
+
 def inference(
     model: BaseSegmentor,
     img: torch.Tensor,
@@ -107,6 +127,7 @@ def inference(
     Returns:
         probs [B, C, *out_size] (or [B, C, H, W]), in the dtype of the logits.
     """
+    _check_normalised(img)
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     if weight is not None and img.is_floating_point() and img.dtype != weight.dtype:
         img = img.to(weight.dtype)  # a model cast to bf16 for inference (dida.runtime.inference_precision)
