@@ -260,27 +260,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Expected operating-system failures: what to do about each (the message names the path).
 _OS_FIXES: dict[int, str] = {
-    errno.ENOSPC: "the disk is full: free some space or write elsewhere",
-    errno.EDQUOT: "the disk quota is exceeded: free some space or write elsewhere",
-    errno.EROFS: "the file system is read-only: choose an output path on a writable disk",
-    errno.EACCES: "permission denied: fix the permissions or choose another path",
-    errno.EPERM: "operation not permitted: fix the permissions or choose another path",
+    errno.ENOSPC: "free some space, or write elsewhere",
+    errno.EDQUOT: "free some space, or write elsewhere",
+    errno.EROFS: "choose an output path on a writable disk",
+    errno.EACCES: "fix the permissions, or choose another path",
+    errno.EPERM: "fix the permissions, or choose another path",
     errno.ENOTDIR: "a part of this path is a file, not a folder: fix the path",
-    errno.EISDIR: "this is a folder where a file is needed: give a file path",
-    errno.EEXIST: "this already exists (as a file where a folder is needed?): remove it or choose another path",
-    errno.ENOENT: "no such file or folder: check the path",
-    errno.ENAMETOOLONG: "the file name is too long: choose a shorter path",
-    errno.ELOOP: "too many symbolic links: fix the path",
-    errno.EMFILE: "too many open files: raise the limit (ulimit -n) or lower data.num_workers",
-    errno.ENFILE: "too many open files in the system: lower data.num_workers",
-    errno.EIO: "input/output error: check the disk",
-    errno.ENOMEM: "out of memory: lower data.batch_size, the image scale or data.num_workers",
-    errno.ENOTEMPTY: "the folder is not empty: remove it or choose another path",
-    errno.EXDEV: "the path is on another file system: choose a path beside it",
-    errno.ETXTBSY: "the file is busy: wait for the program using it",
-    errno.ESTALE: "stale network file handle: check the network file system",
-    errno.ECONNREFUSED: "the connection was refused: check the network",
-    errno.ETIMEDOUT: "the operation timed out: check the network",
+    errno.EISDIR: "give a file path, not a folder",
+    errno.EEXIST: "remove it, or choose another path",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.ELOOP: "fix the symbolic links of the path",
+    errno.EMFILE: "raise the limit (ulimit -n), or lower data.num_workers",
+    errno.ENFILE: "lower data.num_workers",
+    errno.EIO: "check the disk",
+    errno.ENOMEM: "lower data.batch_size, the image scale or data.num_workers",
+    errno.ENOTEMPTY: "remove it, or choose another path",
+    errno.EXDEV: "choose a path on the same file system",
+    errno.ETXTBSY: "wait for the program using it",
+    errno.ESTALE: "check the network file system",
+    errno.ECONNREFUSED: "check the network",
+    errno.ETIMEDOUT: "check the network",
 }
 
 
@@ -301,6 +301,16 @@ def _memory_message(e: BaseException) -> str | None:
         return (f"out of memory ({type(e).__name__}: {first}); lower data.batch_size or the image / crop sizes, "
                 "use --amp bf16 on a GPU, or check the input image sizes.")
     return None
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars an error interrupted, so that the error starts on a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or ()):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 (a half-closed bar must not hide the error)
+            pass
 
 
 def _closed_stdout() -> int:
@@ -351,17 +361,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         if debug:
             raise
+        _end_progress_bars()
         stopped = str(e).strip()
         print(f"{name}: stopped: {stopped}" if stopped else f"{name}: interrupted.", file=sys.stderr)
         return int(getattr(e, "exit_code", 130))
     except DidaError as e:
         if debug:
             raise
+        _end_progress_bars()
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # the one guard: expected failures in one line, the rest as a bug
         if debug:
             raise
+        _end_progress_bars()
         line = (_os_message(e) if isinstance(e, OSError) else None) or _memory_message(e)
         if line is not None:
             print(f"{name}: error: {line}", file=sys.stderr)

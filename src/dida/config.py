@@ -459,18 +459,27 @@ def _preset_text(name: str) -> str:
     return resources.files("dida.configs").joinpath(f"{name}.yaml").read_text()
 
 
+def _read_text(path: Path) -> str:
+    """A config file's text. Raises ``ConfigError`` for a file that is not UTF-8 text."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a YAML text file (byte {e.start} is not UTF-8). Give a preset or a "
+                          "YAML config file.") from None
+
+
 def resolve_config_source(name_or_path: str) -> tuple[str, str]:
     """Return ``(yaml_text, description)`` for a preset name, a YAML path, or a run directory."""
     path = Path(name_or_path)
     if path.is_dir() and (path / "config.yaml").is_file():
-        return (path / "config.yaml").read_text(), str(path / "config.yaml")
+        return _read_text(path / "config.yaml"), str(path / "config.yaml")
     if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
         if not path.is_file():
             raise ConfigError(
                 f"{name_or_path}: no such config file. Give a YAML path, a run directory with a "
                 f"config.yaml, or one of the presets: {', '.join(preset_names())}."
             )
-        return path.read_text(), str(path)
+        return _read_text(path), str(path)
     if name_or_path in preset_names():
         return _preset_text(name_or_path), f"preset '{name_or_path}'"
     raise ConfigError(

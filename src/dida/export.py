@@ -276,7 +276,7 @@ def export_folder(source: str | os.PathLike[str], dest: str | os.PathLike[str], 
         raise CheckpointError(f"{dest}: is a file; --to needs a folder path (it is created).")
     if dest.exists() and not force:
         raise CheckpointError(f"{dest}: already exists; pass --force to replace it, or choose another --to.")
-    claim_output(dest.parent, kind="dir", files=(), option="the folder of --to")
+    claim_output(dest, kind="dir", files=(), option="--to")  # checks that its folder is writable
     ckpt_path, run_dir = _locate(source, checkpoint)
     ckpt = read_checkpoint(ckpt_path, allow_pickle=allow_pickle)
     cfg = _load_cfg(ckpt, run_dir, config, ckpt_path)

@@ -107,18 +107,21 @@ def make_temp_dir(parent: str | os.PathLike[str], prefix: str) -> Path:
 
 
 def write_png(path: str | os.PathLike[str], array: Any) -> None:
-    """Write a uint8 ``[H, W]`` or BGR ``[H, W, 3]`` array as PNG (OpenCV), atomically.
+    """Write a uint8 ``[H, W]`` or BGR ``[H, W, 3]`` array as PNG (OpenCV encodes it in memory; the bytes are
+    written atomically, so a full disk or a read-only folder raises an ``OSError`` naming ``path``).
 
     Raises:
-        DataError: OpenCV could not write the file.
+        DataError: OpenCV could not encode the array.
     """
     import cv2
 
     from dida.errors import DataError
 
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), array):
-            raise DataError(f"{path}: could not write the PNG (disk full or no permission?).")
+    ok, data = cv2.imencode(".png", array)
+    if not ok:
+        raise DataError(f"{path}: OpenCV could not encode a {getattr(array, 'shape', '?')} array as PNG.")
+    with atomic_open(path, "wb") as f:
+        f.write(data.tobytes())
 
 
 # ------------------------------------------------------------------------------------- claiming outputs

@@ -98,8 +98,8 @@ def load_state_dict_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], so
     bad = first_nonfinite(sd)
     if bad is not None:
         raise CheckpointError(
-            f"{source}: cannot load {what}: the tensor {bad} holds NaN or inf values, so every prediction would be "
-            "garbage (the run that wrote it diverged). Use an earlier checkpoint (an iter_N.pth from before the "
+            f"{source}: cannot load {what}: the tensor {bad} holds non-finite values (NaN or inf), so every "
+            "prediction would be garbage (the run that wrote it diverged). Use an earlier checkpoint (an iter_N.pth from before the "
             "divergence) or train again with a lower optim.lr."
         )
     full = dict(sd)

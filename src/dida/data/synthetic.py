@@ -633,17 +633,16 @@ def generate(
              for i in range(n)]
     from tqdm import tqdm
 
-    bar = tqdm(total=len(tasks), desc="dida synth", unit="img", disable=not progress)
-    if nproc <= 1:
-        for t in tasks:
-            _generate_one(t)
-            bar.update()
-    else:
-        ctx = multiprocessing.get_context("spawn" if os.name == "nt" else "fork")
-        with ctx.Pool(nproc, initializer=ignore_interrupts) as pool:
-            for _ in pool.imap_unordered(_generate_one, tasks, chunksize=4):
+    with tqdm(total=len(tasks), desc="dida synth", unit="img", disable=not progress) as bar:
+        if nproc <= 1:
+            for t in tasks:
+                _generate_one(t)
                 bar.update()
-    bar.close()
+        else:
+            ctx = multiprocessing.get_context("spawn" if os.name == "nt" else "fork")
+            with ctx.Pool(nproc, initializer=ignore_interrupts) as pool:
+                for _ in pool.imap_unordered(_generate_one, tasks, chunksize=4):
+                    bar.update()
     with atomic_open(root / MANIFEST_NAME, "w") as f:
         json.dump(asdict(params), f, indent=2)
     return root

@@ -148,8 +148,11 @@ def run_status(cfg: Any) -> str:
 
 def check_outputs(out: Path, cfgs: dict[str, Any], force: bool) -> None:
     """Refuse, before any work, to replace what is not the demo's own under ``out`` (without ``force``)."""
+    from dida.io import claim_output
+
     if out.exists() and not out.is_dir():
         raise DidaError(f"{out}: is a file; --out needs a folder.")
+    claim_output(out, kind="dir", files=(), option="--out")  # a read-only or full disk: before any work
     problems = [p for p in [_data_conflict(out / "data")] if p]
     for method, cfg in cfgs.items():
         if run_status(cfg) == "conflict":

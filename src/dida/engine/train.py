@@ -290,8 +290,11 @@ def train(
 
 def _check_run_dir(run_dir: Path, cfg: Config, *, resuming: bool, force: bool) -> None:
     """Refuse a run folder that is a file, or (a new run) one holding a checkpoint or another configuration."""
+    from dida.io import claim_output
+
     if run_dir.exists() and not run_dir.is_dir():
         raise DidaError(f"{run_dir}: is a file, not a folder; choose another run.dir.")
+    claim_output(run_dir, kind="dir", files=(), option="run.dir")  # a read-only or full disk: before any work
     if resuming:
         return
     if (run_dir / "latest.pth").exists():
