@@ -721,9 +721,9 @@ class _Range:
 # The largest image side the pipelines accept (img_scale, crops, windows): larger values are a typo that would
 # resize every image to gigapixels.
 MAX_IMAGE_SIDE = 16384
-# Every registered backbone's coarsest output stride (dida.models.base: maps at strides 4, 8, 16, 32) and its
-# finest one: a training crop (or HRDA's context crop) must hold at least one cell of the coarsest map (MiT's
-# efficient attention reduces stage 1 by 8 at stride 4), and HRDA aligns its grids on the finest.
+# A training crop (or HRDA's context crop) must hold at least one cell of the backbones' coarsest map (test images
+# are padded to it instead, dida.models.inference.min_input_side); HRDA aligns its grids on the finest output
+# stride (every registered backbone: maps at strides 4, 8, 16, 32).
 MIN_MODEL_INPUT = 32
 FINEST_STRIDE = 4
 
@@ -751,7 +751,7 @@ _RANGES: dict[str, _Range] = {
     "data.*.flip_prob": _UNIT, "data.*.pseudo_margins": _Range(0, length=4),
     "data.rcs.temperature": _Range(0, lo_open=True), "data.rcs.min_pixels": _NON_NEGATIVE,
     "data.rcs.min_crop_ratio": _NON_NEGATIVE,
-    "data.batch_size": _POSITIVE_INT, "data.num_workers": _NON_NEGATIVE, "data.max_bad_samples": _NON_NEGATIVE,
+    "data.batch_size": _POSITIVE_INT, "data.num_workers": _Range(0, 256), "data.max_bad_samples": _NON_NEGATIVE,
     "uda.pseudo_threshold": _UNIT, "uda.pseudo_weight_ignore_top": _NON_NEGATIVE,
     "uda.pseudo_weight_ignore_bottom": _NON_NEGATIVE, "uda.ema.alpha": _UNIT,
     "uda.feature_distance.weight": _NON_NEGATIVE, "uda.feature_distance.classes": _NON_NEGATIVE,
@@ -771,7 +771,7 @@ _RANGES: dict[str, _Range] = {
     "train.eval_interval": _NON_NEGATIVE, "train.log_interval": _NON_NEGATIVE,
     "train.debug_img_interval": _NON_NEGATIVE, "train.keep_last": _POSITIVE_INT,
     "eval.crop_size": _SIDES, "eval.stride": _Range(1, MAX_IMAGE_SIDE, length=2), "eval.max_images": _POSITIVE_INT,
-    "run.seed": _NON_NEGATIVE,
+    "run.seed": _Range(0, 2**63 - 1),
 }
 # Notes on keys whose message needs more than the range.
 _RANGE_HINTS = {
@@ -833,6 +833,13 @@ def _check_relations(cfg: Config) -> None:
     _check(all(s <= c for s, c in zip(e.stride, e.crop_size)), "eval.stride",
            f"{list(e.stride)} is larger than the window eval.crop_size {list(e.crop_size)}: the pixels between two "
            "windows would never be predicted (class 0). Use a stride <= the window (the reference: 2/3 of it)")
+    _check(bool(cfg.run.dir.strip()), "run.dir", "must name a folder (the run's config, logs and checkpoints)")
+    if cfg.train.compile:
+        from torch._dynamo import list_backends
+
+        known = list_backends(exclude_tags=())
+        _check(cfg.train.compile_backend in known, "train.compile_backend",
+               f"unknown torch.compile backend '{cfg.train.compile_backend}'; known: {', '.join(known)}")
     _check(bool(_DEVICE_NAME.match(cfg.run.device)), "run.device",
            f"'{cfg.run.device}' is not a device name; use auto, cpu, cuda, cuda:N or mps")
     if m.embed_dims is not None and m.num_heads is not None:

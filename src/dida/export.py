@@ -304,8 +304,10 @@ def export_folder(source: str | os.PathLike[str], dest: str | os.PathLike[str], 
         (staging / MODEL_CARD).write_text(model_card(cfg=cfg, meta=meta, ref=ref, test=test, rows=_eval_rows(run_dir)))
         _check_round_trip(staging, states)
         _move_into_place(staging, dest, force)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):  # name the folder asked for, not the staging one
+            e.filename, e.filename2 = str(dest), None
         raise
     return meta
 

@@ -10,7 +10,11 @@ import torch
 
 from dida.errors import ConfigError
 
-__all__ = ["AMP_DTYPES", "amp_dtype", "autocast", "compile_models", "ignore_interrupts", "resolve_device"]
+__all__ = ["AMP_DTYPES", "MAX_PROCESSES", "amp_dtype", "autocast", "compile_models", "ignore_interrupts", "resolve_device"]
+
+# The most worker processes a command starts (--nproc, data.num_workers): more is a typo that would fork
+# thousands of processes.
+MAX_PROCESSES = 256
 
 # "off" runs in float32 (TF32 matmuls where the backend allows them).
 AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -186,6 +186,14 @@ def test_infer_keeps_every_prediction_and_replaces_only_with_force(tiny_run, tmp
     assert main(["infer", ckpt, str(images / "b.png"), "--out", str(images / "a.png"), "--device", "cpu"]) == 2
     one_error(capsys, "is a file")
     assert main(["infer", ckpt, str(images), "--out", str(out), "--force", "--device", "cpu"]) == 0
+    # Outputs beside the inputs (--out is the input folder), sub-folders mirrored; a rerun needs --force.
+    (images / "sub").mkdir()
+    shutil.copy(images / "b.png", images / "sub" / "b.png")
+    argv = ["infer", ckpt, str(images), "--recursive", "--out", str(images), "--device", "cpu"]
+    assert main(argv) == 0
+    assert (images / "b_pred.png").is_file() and (images / "sub" / "b_pred.png").is_file()
+    assert main(argv) == 2
+    one_error(capsys, "--force")
 
 
 def test_test_and_bank_build_refuse_to_replace_earlier_results(tiny_run, rel_data, tmp_path, capsys):

@@ -205,3 +205,25 @@ def test_convert_reconverts_labels_whose_source_changed(fake_data, tmp_path):
     summary = convert_dataset("gta", root, nproc=1, progress=False)
     assert summary["converted"] == 1 and summary["skipped"] == 5
     assert (np.asarray(Image.open(out)) == 0).all()
+
+
+def test_bank_files_and_process_counts_outside_what_works_are_refused(tmp_path):
+    from dida.data.convert import convert_dataset
+    from dida.errors import DataError
+    from dida.uda.instance_bank import InstanceBank
+
+    features, labels = np.random.rand(6, 8).astype(np.float32), np.arange(6) % 3
+    for name, f, lab, why in [("nan", np.where(features > 0.9, np.nan, features), labels, "non-finite"),
+                              ("inf", np.full_like(features, np.inf), labels, "non-finite"),
+                              ("classes", features, labels + 17, "holds class 19")]:
+        np.savez(tmp_path / f"{name}_f.npz", f)
+        np.savez(tmp_path / f"{name}_l.npz", lab)
+        with pytest.raises(DataError, match=why) as e:
+            InstanceBank.from_npz(tmp_path / f"{name}_f.npz", tmp_path / f"{name}_l.npz", num_classes=19)
+        assert name in str(e.value)
+    with pytest.raises(DataError, match=r"--nproc must be in \[1, 256\]"):
+        convert_dataset("gta", tmp_path, nproc=100_000)  # refused before any process is started
+    for overrides, key in [(["run.dir="], "run.dir"), (["run.dir= "], "run.dir"),
+                           (["train.compile=true", "train.compile_backend=nonexistent"], "train.compile_backend")]:
+        with pytest.raises(ConfigError, match=key):
+            load_config("tiny_cpu", [*data_overrides(Path("/data")), *overrides])

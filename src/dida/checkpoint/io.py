@@ -9,6 +9,7 @@ Every write is atomic (temporary file + rename) and holds only values a safe loa
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -34,6 +35,11 @@ __all__ = [
 FORMAT_NAME = "dida"
 # 2: term state under "terms" (version 1 had "imnet_model" / "instance_bank" at the top level).
 FORMAT_VERSION = 2
+
+
+# OSErrors that say the file cannot be read at all (rather than that its content is damaged).
+_READ_ERRNOS = {errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.ELOOP,
+                errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ESTALE}
 
 
 def describe_source(source: str | os.PathLike[str] | None) -> str:
@@ -101,8 +107,14 @@ def read_checkpoint(path: str | os.PathLike[str], allow_pickle: bool = False) ->
                 "Download or copy it again."
             ) from None
         raise CheckpointError(f"{path}: cannot load the checkpoint: {text[:300]}") from None
-    except OSError:
-        raise  # unreadable file (permissions, I/O error): the command line reports it with the path
+    except OSError as e:
+        if e.errno in _READ_ERRNOS:  # cannot be read (permissions, I/O error): the command line reports it
+            e.filename = e.filename or str(path)
+            raise
+        raise CheckpointError(
+            f"{path}: truncated or not a checkpoint ({type(e).__name__}: {str(e)[:120]}). "
+            "Download or copy it again."
+        ) from None
     except Exception as e:  # noqa: BLE001 (a damaged file makes the unpickler fail in any way: one message)
         name = None if allow_pickle else _unsafe_global(path)
         if name is not None:

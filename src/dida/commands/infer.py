@@ -128,12 +128,17 @@ def main(args: argparse.Namespace) -> int:
             tqdm.write(f"skipped {path}: {e}", file=sys.stderr)
             continue
         stem = stems[path]
-        if attention:
-            write_png(out_dir / f"{stem}_attention.png", _attention(model, img, args, device))
-            done += 1
+        try:
+            if attention:
+                write_png(out_dir / f"{stem}_attention.png", _attention(model, img, args, device))
+                done += 1
+                continue
+            pred = predict_image(model, img, img_scale=args.img_scale, device=device, amp=args.amp, mode=mode,
+                                 crop_size=cfg.eval.crop_size, stride=cfg.eval.stride)
+        except DataError as e:  # e.g. an image too thin for the test scale
+            failed.append((path, str(e)))
+            tqdm.write(f"skipped {path}: {e}", file=sys.stderr)
             continue
-        pred = predict_image(model, img, img_scale=args.img_scale, device=device, amp=args.amp, mode=mode,
-                             crop_size=cfg.eval.crop_size, stride=cfg.eval.stride)
         write_png(out_dir / f"{stem}_pred.png", overlay(img, pred, args.opacity, num_classes))
         write_png(out_dir / f"{stem}_labelTrainIds.png", pred)
         done += 1
@@ -142,5 +147,6 @@ def main(args: argparse.Namespace) -> int:
     for path, reason in failed:
         print(f"  skipped {path}: {reason}", file=sys.stderr)
     if done == 0:
-        raise DataError(f"{inputs}: none of the {len(images)} image(s) could be read.")
+        reason = f" ({failed[0][1]})" if len(failed) == 1 else " (the reasons are listed above)"
+        raise DataError(f"{inputs}: none of the {len(images)} image(s) could be used{reason}.")
     return 0

@@ -41,7 +41,7 @@ from dida.data.kinds import convertible_kinds
 from dida.data.transforms import MAX_IMAGE_PIXELS, check_image_size, load_label
 from dida.errors import DataError
 from dida.io import atomic_open, atomic_path
-from dida.runtime import ignore_interrupts
+from dida.runtime import MAX_PROCESSES, ignore_interrupts
 
 STATS_FILES = ("sample_class_stats.json", "sample_class_stats_dict.json", "samples_with_class.json")
 TRAIN_ID_SUFFIX = "_labelTrainIds.png"
@@ -319,8 +319,8 @@ def convert_dataset(
     """
     if kind not in convertible_kinds():
         raise DataError(f"unknown dataset kind '{kind}'; choose one of {', '.join(convertible_kinds())}.")
-    if nproc < 1:
-        raise DataError(f"--nproc must be >= 1, got {nproc}.")
+    if not 1 <= nproc <= MAX_PROCESSES:
+        raise DataError(f"--nproc must be in [1, {MAX_PROCESSES}], got {nproc}.")
     root = os.fspath(root)
     tasks, splits = _tasks(kind, root, force)
     sample_class_stats = []

@@ -46,7 +46,7 @@ from PIL import Image, ImageDraw
 from dida.constants import CITYSCAPES_CLASSES, CITYSCAPES_ID_TO_TRAINID, IGNORE_INDEX
 from dida.errors import DataError
 from dida.io import atomic_open, atomic_path, write_png
-from dida.runtime import ignore_interrupts
+from dida.runtime import MAX_PROCESSES, ignore_interrupts
 
 #: Bump when the generator's output changes; the demo regenerates data whose manifest differs.
 GENERATOR_VERSION = 1
@@ -613,8 +613,8 @@ def check_params(params: SynthParams, nproc: int = 1) -> None:
                         f"{MAX_SYNTH_SIDE}.")
     if min(params.num_source, params.num_target_train, params.num_val) < 1:
         raise DataError("--num-source, --num-target-train and --num-val must each be at least 1.")
-    if nproc < 1:
-        raise DataError(f"--nproc must be >= 1, got {nproc}.")
+    if not 1 <= nproc <= MAX_PROCESSES:
+        raise DataError(f"--nproc must be in [1, {MAX_PROCESSES}], got {nproc}.")
 
 
 def generate(
