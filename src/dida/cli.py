@@ -305,12 +305,12 @@ def _memory_message(e: BaseException) -> str | None:
 
 def _end_progress_bars() -> None:
     """Close the progress bars an error interrupted, so that the error starts on a line of its own."""
+    import contextlib
+
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or ()):
-        try:
+        with contextlib.suppress(Exception):  # a half-closed bar must not hide the error
             bar.close()
-        except Exception:  # noqa: BLE001 (a half-closed bar must not hide the error)
-            pass
 
 
 def _closed_stdout() -> int:
