@@ -1,12 +1,18 @@
 """The ``dida`` command line: argparse subcommands only; each one calls ``dida.commands.<name>:main``.
 
-Every user-facing error (``DidaError``) is printed as one clear message, never as a traceback.
+``main`` is the one guard around every command: an expected failure (``DidaError``; a full disk, a read-only or
+missing folder and other ``OSError``s; out of memory) is printed as one line naming the file or key and the fix,
+exit status 2; Ctrl-C / a stopped run exit with 130 (143 for SIGTERM); a closed stdout (``dida ... | head``)
+ends quietly. Anything else is a bug: one line saying so, exit status 1. ``--debug`` (before or after the
+command) shows the traceback instead. Dotted overrides (``key=value``) may come before or after the options.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -26,10 +32,20 @@ class _Help(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {shown})"
 
 
+_DEBUG_HELP = "on an error, show the Python traceback instead of the one-line message"
+
+
 def _command(sub: Any, name: str, summary: str, examples: str = "", **kw: Any) -> argparse.ArgumentParser:
     epilog = f"examples:\n{examples}" if examples else None
-    return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
-                          epilog=epilog, formatter_class=_Help, **kw)
+    p = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                       epilog=epilog, formatter_class=_Help, **kw)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+    p.set_defaults(_parser=p)
+    return p
+
+
+def _add_force(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--force", action="store_true", help=f"replace {what} (without it an existing output is an error)")
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
@@ -66,6 +82,9 @@ def _train_parser(sub: Any) -> None:
                                                 "(every key: --help-config)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where its latest.pth "
                                                        "stopped")
+    p.add_argument("--force", action="store_true",
+                   help="start a new run in a run.dir whose config.yaml holds another configuration and no "
+                        "checkpoint (an earlier run that failed before its first checkpoint); it is replaced")
     p.add_argument("--help-config", action="store_true",
                    help="print every configuration key with its default, allowed values and a description")
     p.add_argument("--list-presets", action="store_true", help="print the shipped presets, one line each")
@@ -87,6 +106,7 @@ def _test_parser(sub: Any) -> None:
                    help="the student (what the reference evaluates) or the EMA teacher")
     p.add_argument("--data-root", help="the validation dataset's root (overrides data.val.root)")
     p.add_argument("--out", help="output folder (default: <checkpoint dir>/test)")
+    _add_force(p, "the metrics.json, config.yaml, iou.png and predictions of an earlier test in --out")
     p.add_argument("--mode", choices=("whole", "slide"), help="inference mode (overrides eval.mode)")
     p.add_argument("--save-preds", action="store_true", help="also write the predictions")
     p.add_argument("--format", choices=("color", "trainid", "cityscapes", "all"), default="all",
@@ -106,6 +126,7 @@ def _infer_parser(sub: Any) -> None:
     p.add_argument("checkpoint", help="checkpoint file, exported folder, or hf://ORG/REPO[/FILE][@REV]")
     p.add_argument("inputs", help="an image file or a folder of images")
     p.add_argument("--out", default="predictions", help="output folder")
+    _add_force(p, "the overlays and label maps of the same images already in --out")
     p.add_argument("--opacity", type=float, default=0.5, help="palette opacity of the overlay, in [0, 1]")
     p.add_argument("--img-scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
                    help="keep-ratio test resize (default: the model's, data.val.img_scale of its configuration)")
@@ -131,11 +152,13 @@ def _data_parsers(sub: Any) -> None:
     p.set_defaults(_entry="dida.commands.convert:main")
 
     p = sub.add_parser("bank", help="instance-bank tools (DIDA)", formatter_class=_Help)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     bank_sub = p.add_subparsers(dest="bank_command", metavar="ACTION", required=True)
     b = _command(bank_sub, "build", "build a class-balanced instance bank from a source-trained model",
                  "  dida bank build work_dirs/gta2cs_source_only/latest.pth --size 300 --out embedding_cache/mine")
     b.add_argument("checkpoint", help="checkpoint of a (source-only) model, exported folder or hf:// reference")
     b.add_argument("--out", required=True, help="folder for f_buffer_s.npz and l_buffer_s.npz")
+    _add_force(b, "an f_buffer_s.npz / l_buffer_s.npz already in --out")
     b.add_argument("--data", help="source dataset root, converted (default: data.source.root of the checkpoint's "
                                   "configuration)")
     b.add_argument("--dataset", choices=bank_kinds(),
@@ -161,6 +184,7 @@ def _data_parsers(sub: Any) -> None:
     p.add_argument("--size", type=int, nargs=2, default=(512, 256), metavar=("WIDTH", "HEIGHT"),
                    help="image size")
     p.add_argument("--nproc", type=int, default=2, help="parallel worker processes")
+    _add_force(p, "the gta/ and cityscapes/ folders already under ROOT (they are deleted first)")
     p.set_defaults(_entry="dida.commands.synth:main")
 
 
@@ -169,6 +193,7 @@ def _weights_parsers(sub: Any) -> None:
                  "  dida convert-checkpoint DIDA_gta2cs/latest.pth work_dirs/dida_gta2cs.pth")
     p.add_argument("input", help="the mmcv checkpoint")
     p.add_argument("output", help="the dida checkpoint to write")
+    _add_force(p, "an existing OUTPUT (never the INPUT itself)")
     p.add_argument("--allow-pickle", action="store_true", help="trust the input (unsafe unpickling)")
     p.set_defaults(_entry="dida.commands.convert_checkpoint:main")
 
@@ -212,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="`dida COMMAND --help` describes each command. Start with `make demo` (README.md).",
     )
     parser.add_argument("--version", action="version", version=f"dida {__version__}")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _train_parser(sub)
     _test_parser(sub)
@@ -226,25 +252,137 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="training seed (the benchmark data is fixed)")
     p.add_argument("--iters", type=int, help="override the iterations of each method (default: the presets' 300)")
     p.add_argument("--quick", action="store_true", help="a tiny smoke version (for tests)")
+    _add_force(p, "folders under --out that are not this demo's own data and runs (other data, unfinished or "
+                  "differently configured runs, unrelated files in a method's run folder)")
     p.set_defaults(_entry="dida.commands.demo:main")
     return parser
 
 
+# Expected operating-system failures: what to do about each (the message names the path).
+_OS_FIXES: dict[int, str] = {
+    errno.ENOSPC: "free some space, or write elsewhere",
+    errno.EDQUOT: "free some space, or write elsewhere",
+    errno.EROFS: "choose an output path on a writable disk",
+    errno.EACCES: "fix the permissions, or choose another path",
+    errno.EPERM: "fix the permissions, or choose another path",
+    errno.ENOTDIR: "a part of this path is a file, not a folder: fix the path",
+    errno.EISDIR: "give a file path, not a folder",
+    errno.EEXIST: "remove it, or choose another path",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.ELOOP: "fix the symbolic links of the path",
+    errno.EMFILE: "raise the limit (ulimit -n), or lower data.num_workers",
+    errno.ENFILE: "lower data.num_workers",
+    errno.EIO: "check the disk",
+    errno.ENOMEM: "lower data.batch_size, the image scale or data.num_workers",
+    errno.ENOTEMPTY: "remove it, or choose another path",
+    errno.EXDEV: "choose a path on the same file system",
+    errno.ETXTBSY: "wait for the program using it",
+    errno.ESTALE: "check the network file system",
+    errno.ECONNREFUSED: "check the network",
+    errno.ETIMEDOUT: "check the network",
+}
+
+
+def _os_message(e: OSError) -> str | None:
+    """One line for an expected ``OSError``, or None when it is not one of ``_OS_FIXES``."""
+    fix = _OS_FIXES.get(e.errno or -1)
+    if fix is None:
+        return None
+    where = f"{e.filename}: " if e.filename else ""
+    also = f" (and {e.filename2})" if e.filename2 else ""
+    return f"{where}{e.strerror or os.strerror(e.errno or 0)}{also}; {fix}."
+
+
+def _memory_message(e: BaseException) -> str | None:
+    text = str(e)
+    first = (text.strip().splitlines() or [""])[0][:200]
+    if isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower():
+        return (f"out of memory ({type(e).__name__}: {first}); lower data.batch_size or the image / crop sizes, "
+                "use --amp bf16 on a GPU, or check the input image sizes.")
+    return None
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars an error interrupted, so that the error starts on a line of its own."""
+    import contextlib
+
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or ()):
+        with contextlib.suppress(Exception):  # a half-closed bar must not hide the error
+            bar.close()
+
+
+def _closed_stdout() -> int:
+    """The reader of stdout went away (``dida ... | head``): end quietly, like a tool killed by SIGPIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; dotted overrides after the options (``dida test RUN --limit 1 eval.mode=slide``) join the
+    command's overrides, as if they came before."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in overrides]
+    if overrides and hasattr(args, "overrides"):
+        args.overrides = [*(args.overrides or []), *overrides]
+    else:
+        unknown = extra
+    if unknown:
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``dida COMMAND ...``; returns the exit status (see the module docstring)."""
     from dida.errors import DidaError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = _parse(parser, argv)
+    except BrokenPipeError:  # --help into a closed pipe
+        return _closed_stdout()
+    debug = bool(getattr(args, "debug", False))
+    name = f"dida {args.command}"
     module_name, func_name = args._entry.split(":")
     try:
         func = getattr(importlib.import_module(module_name), func_name)
-        return int(func(args) or 0)
+        code = int(func(args) or 0)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _closed_stdout()
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        _end_progress_bars()
+        stopped = str(e).strip()
+        print(f"{name}: stopped: {stopped}" if stopped else f"{name}: interrupted.", file=sys.stderr)
+        return int(getattr(e, "exit_code", 130))
     except DidaError as e:
-        print(f"dida {args.command}: error: {e}", file=sys.stderr)
+        if debug:
+            raise
+        _end_progress_bars()
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"dida {args.command}: interrupted.", file=sys.stderr)
-        return 130
+    except Exception as e:  # the one guard: expected failures in one line, the rest as a bug
+        if debug:
+            raise
+        _end_progress_bars()
+        line = (_os_message(e) if isinstance(e, OSError) else None) or _memory_message(e)
+        if line is not None:
+            print(f"{name}: error: {line}", file=sys.stderr)
+            return 2
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"{name}: bug: unexpected {type(e).__name__}: {first}. This is a bug in dida (or an input it does "
+              "not check yet): re-run with --debug for the traceback, and please report it.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ lhoyer/MIC computes them); deliberate departures are named options (docs/design.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -462,18 +464,27 @@ def _preset_text(name: str) -> str:
     return resources.files("dida.configs").joinpath(f"{name}.yaml").read_text()
 
 
+def _read_text(path: Path) -> str:
+    """A config file's text. Raises ``ConfigError`` for a file that is not UTF-8 text."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a YAML text file (byte {e.start} is not UTF-8). Give a preset or a "
+                          "YAML config file.") from None
+
+
 def resolve_config_source(name_or_path: str) -> tuple[str, str]:
     """Return ``(yaml_text, description)`` for a preset name, a YAML path, or a run directory."""
     path = Path(name_or_path)
     if path.is_dir() and (path / "config.yaml").is_file():
-        return (path / "config.yaml").read_text(), str(path / "config.yaml")
+        return _read_text(path / "config.yaml"), str(path / "config.yaml")
     if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
         if not path.is_file():
             raise ConfigError(
                 f"{name_or_path}: no such config file. Give a YAML path, a run directory with a "
                 f"config.yaml, or one of the presets: {', '.join(preset_names())}."
             )
-        return path.read_text(), str(path)
+        return _read_text(path), str(path)
     if name_or_path in preset_names():
         return _preset_text(name_or_path), f"preset '{name_or_path}'"
     raise ConfigError(
@@ -681,54 +692,223 @@ def _check_pseudo_margins(cfg: Config) -> None:
            "uda.pseudo_weight_ignore_top=0 uda.pseudo_weight_ignore_bottom=0, or data.target.pseudo_margins=null")
 
 
+# ------------------------------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class _Range:
+    """The legal values of a numeric key (each element of a list key): ``lo`` <= x <= ``hi`` (``<`` where
+    open), and for a list, its exact length or at least one element."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    length: int | None = None
+    nonempty: bool = False
+
+    def ok(self, x: float) -> bool:
+        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
+            return False
+        return self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
+
+    def describe(self) -> str:
+        def num(v: float) -> str:
+            return f"{v:g}" if isinstance(v, float) else str(v)
+
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {num(self.lo)}"
+        return f"{'<' if self.hi_open else '<='} {num(self.hi)}" if self.hi is not None else "finite"
+
+
+# The largest image side the pipelines accept (img_scale, crops, windows): larger values are a typo that would
+# resize every image to gigapixels.
+MAX_IMAGE_SIDE = 16384
+# A training crop (or HRDA's context crop) must hold at least one cell of the backbones' coarsest map (test images
+# are padded to it instead, dida.models.inference.min_input_side); HRDA aligns its grids on the finest output
+# stride (every registered backbone: maps at strides 4, 8, 16, 32).
+MIN_MODEL_INPUT = 32
+FINEST_STRIDE = 4
+
+_UNIT = _Range(0, 1)
+_POSITIVE_INT = _Range(1)
+_NON_NEGATIVE = _Range(0)
+_SIDES = _Range(1, MAX_IMAGE_SIDE, length=2)
+
+# The legal range of every numeric key ("data.*" stands for data.source / data.target / data.val). Every float
+# must also be finite. tests/test_config.py checks that each numeric key of the schema is listed here.
+_RANGES: dict[str, _Range] = {
+    "model.embed_dims": _Range(1, length=4), "model.num_heads": _Range(1, length=4),
+    "model.depths": _Range(1, length=4), "model.drop_path_rate": _Range(0, 1, hi_open=True),
+    "model.decoder_channels": _POSITIVE_INT, "model.aspp_dilations": _Range(1, nonempty=True),
+    "model.dropout_ratio": _Range(0, 1, hi_open=True), "model.num_classes": _Range(1, 255),
+    "model.hrda.scales": _Range(0, 1, lo_open=True, length=2), "model.hrda.detail_crop_size": _SIDES,
+    "model.hrda.crop_divisor": _POSITIVE_INT, "model.hrda.hr_loss_weight": _UNIT,
+    "model.hrda.lr_loss_weight": _UNIT, "model.hrda.attention_embed_dim": _POSITIVE_INT,
+    "model.hrda.fixed_attention": _UNIT,
+    "model.vit.out_indices": _Range(1, length=4), "model.vit.frozen_blocks": _NON_NEGATIVE,
+    "model.vit.hidden_size": _POSITIVE_INT, "model.vit.num_layers": _POSITIVE_INT,
+    "model.vit.num_heads": _POSITIVE_INT, "model.vit.patch_size": _POSITIVE_INT,
+    "model.vit.image_size": _POSITIVE_INT,
+    "data.*.img_scale": _SIDES, "data.*.crop_size": _SIDES, "data.*.cat_max_ratio": _Range(0, 1, lo_open=True),
+    "data.*.flip_prob": _UNIT, "data.*.pseudo_margins": _Range(0, length=4),
+    "data.rcs.temperature": _Range(0, lo_open=True), "data.rcs.min_pixels": _NON_NEGATIVE,
+    "data.rcs.min_crop_ratio": _NON_NEGATIVE,
+    "data.batch_size": _POSITIVE_INT, "data.num_workers": _Range(0, 256), "data.max_bad_samples": _NON_NEGATIVE,
+    "uda.pseudo_threshold": _UNIT, "uda.pseudo_weight_ignore_top": _NON_NEGATIVE,
+    "uda.pseudo_weight_ignore_bottom": _NON_NEGATIVE, "uda.ema.alpha": _UNIT,
+    "uda.feature_distance.weight": _NON_NEGATIVE, "uda.feature_distance.classes": _NON_NEGATIVE,
+    "uda.feature_distance.scale_min_ratio": _UNIT,
+    "uda.augment.color_jitter_strength": _UNIT, "uda.augment.color_jitter_prob": _UNIT,
+    "uda.bank.size": _POSITIVE_INT, "uda.bank.momentum": _UNIT, "uda.bank.update_interval": _POSITIVE_INT,
+    "uda.dual_level.instance_weight": _NON_NEGATIVE, "uda.dual_level.a_smooth": _UNIT,
+    "uda.dual_level.chunk_rows": _NON_NEGATIVE,
+    "uda.mic.block_size": _POSITIVE_INT, "uda.mic.ratio": _UNIT, "uda.mic.mask_lambda": _NON_NEGATIVE,
+    "uda.mic.alpha": _UNIT, "uda.mic.pseudo_threshold": _UNIT,
+    "optim.lr": _Range(0, lo_open=True), "optim.betas": _Range(0, 1, hi_open=True, length=2),
+    "optim.eps": _Range(0, lo_open=True), "optim.weight_decay": _NON_NEGATIVE, "optim.head_lr_mult": _NON_NEGATIVE,
+    "optim.norm_decay_mult": _NON_NEGATIVE, "optim.warmup_iters": _NON_NEGATIVE,
+    "optim.warmup_ratio": _Range(0, 1, lo_open=True), "optim.power": _NON_NEGATIVE, "optim.min_lr": _NON_NEGATIVE,
+    "optim.grad_clip": _Range(0, lo_open=True), "optim.layer_decay": _Range(0, 1, lo_open=True),
+    "train.max_iters": _NON_NEGATIVE, "train.checkpoint_interval": _NON_NEGATIVE,
+    "train.eval_interval": _NON_NEGATIVE, "train.log_interval": _NON_NEGATIVE,
+    "train.debug_img_interval": _NON_NEGATIVE, "train.keep_last": _POSITIVE_INT,
+    "eval.crop_size": _SIDES, "eval.stride": _Range(1, MAX_IMAGE_SIDE, length=2), "eval.max_images": _POSITIVE_INT,
+    "run.seed": _Range(0, 2**63 - 1),
+}
+# Notes on keys whose message needs more than the range.
+_RANGE_HINTS = {
+    "optim.grad_clip": " (null: no clipping)", "train.keep_last": " (null: keep all)",
+    "eval.max_images": " (null: all)", "train.checkpoint_interval": " (0 disables it)",
+    "train.eval_interval": " (0 disables it)", "train.log_interval": " (0 disables it)",
+    "train.debug_img_interval": " (0 disables it)", "model.num_classes": " (255 is the ignore label)",
+    "run.seed": " (numpy's generators take non-negative seeds)",
+}
+
+
+def _range_key(path: str) -> str:
+    parts = path.split(".")
+    if len(parts) == 3 and parts[0] == "data" and parts[1] in ("source", "target", "val"):
+        return f"data.*.{parts[2]}"
+    return path
+
+
+def _check_numbers(obj: Any, prefix: str = "") -> None:
+    """Every number of the configuration: finite, and within its key's ``_RANGES`` entry."""
+    import math
+
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_numbers(value, key + ".")
+            continue
+        items = value if isinstance(value, (list, tuple)) else [value]
+        numbers = [x for x in items if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        if not numbers and not (isinstance(value, (list, tuple)) and _range_key(key) in _RANGES):
+            continue
+        if any(isinstance(x, float) and not math.isfinite(x) for x in numbers):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+        spec = _RANGES.get(_range_key(key))
+        if spec is None:  # a section registered from outside the package: finiteness only
+            continue
+        hint = _RANGE_HINTS.get(key, "")
+        if isinstance(value, (list, tuple)):
+            if spec.length is not None and len(value) != spec.length:
+                raise ConfigError(f"{key}: needs {spec.length} values, each {spec.describe()}; got {value}")
+            if spec.nonempty and not value:
+                raise ConfigError(f"{key}: needs at least one value {spec.describe()}; got {value}")
+            bad = [x for x in numbers if not spec.ok(x)]
+            if bad:
+                raise ConfigError(f"{key}: each value must be {spec.describe()}{hint}, got {value}")
+        elif not spec.ok(value):
+            raise ConfigError(f"{key}: must be {spec.describe()}{hint}, got {value}")
+
+
+_DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+def _check_relations(cfg: Config) -> None:
+    """Keys that are legal alone but not together (the range of each key is ``_check_numbers``'s)."""
+    o, d, u, e, m = cfg.optim, cfg.data, cfg.uda, cfg.eval, cfg.model
+    _check(o.min_lr <= o.lr, "optim.min_lr", f"must be <= optim.lr ({o.lr:g}): the poly schedule decays from lr "
+                                             f"to min_lr, got {o.min_lr:g}")
+    _check(all(s <= c for s, c in zip(e.stride, e.crop_size)), "eval.stride",
+           f"{list(e.stride)} is larger than the window eval.crop_size {list(e.crop_size)}: the pixels between two "
+           "windows would never be predicted (class 0). Use a stride <= the window (the reference: 2/3 of it)")
+    _check(bool(cfg.run.dir.strip()), "run.dir", "must name a folder (the run's config, logs and checkpoints)")
+    if cfg.train.compile:
+        from torch._dynamo import list_backends
+
+        known = list_backends(exclude_tags=())
+        _check(cfg.train.compile_backend in known, "train.compile_backend",
+               f"unknown torch.compile backend '{cfg.train.compile_backend}'; known: {', '.join(known)}")
+    _check(bool(_DEVICE_NAME.match(cfg.run.device)), "run.device",
+           f"'{cfg.run.device}' is not a device name; use auto, cpu, cuda, cuda:N or mps")
+    if m.embed_dims is not None and m.num_heads is not None:
+        _check(all(dim % h == 0 for dim, h in zip(m.embed_dims, m.num_heads)), "model.num_heads",
+               f"each stage width (model.embed_dims {m.embed_dims}) must be a multiple of its heads, got {m.num_heads}")
+    if u.self_training:
+        top, bottom, height = u.pseudo_weight_ignore_top, u.pseudo_weight_ignore_bottom, d.target.crop_size[0]
+        _check(top + bottom < height, "uda.pseudo_weight_ignore_top",
+               f"with uda.pseudo_weight_ignore_bottom ({top} + {bottom} rows) it covers the whole target crop "
+               f"height {height}: no target pixel would get a pseudo-label weight")
+    context = min(m.hrda.scales) if m.segmentor == "hrda" and m.hrda.scales else 1.0
+    smallest = math.ceil(MIN_MODEL_INPUT / context)
+    for name in ("source", "target"):
+        crop = getattr(d, name).crop_size
+        _check(min(crop) >= smallest, f"data.{name}.crop_size",
+               f"{list(crop)} is too small for the model: its coarsest feature map (stride {MIN_MODEL_INPUT}"
+               + (f", after HRDA's context scale {context:g}" if context != 1 else "") + f") needs crops of at "
+               f"least {smallest}x{smallest}")
+    if e.mode == "slide":
+        _check(min(e.crop_size) >= MIN_MODEL_INPUT, "eval.crop_size",
+               f"{list(e.crop_size)}: slide windows must be at least {MIN_MODEL_INPUT}x{MIN_MODEL_INPUT} px for the model")
+    if m.segmentor == "hrda":
+        _check_hrda_crops(cfg, context)
+
+
+def _check_hrda_crops(cfg: Config, context: float) -> None:
+    """HRDA's training crops: multiples of one context cell, each holding the detail crop."""
+    h = cfg.model.hrda
+    cell = FINEST_STRIDE / context
+    if cell != int(cell):
+        return  # the model's own check names model.hrda.scales
+    for name in ("source", "target"):
+        crop = getattr(cfg.data, name).crop_size
+        _check(all(c % int(cell) == 0 for c in crop), f"data.{name}.crop_size",
+               f"{list(crop)}: HRDA needs crops that are multiples of {int(cell)} (output stride {FINEST_STRIDE} / "
+               f"context scale {context:g}), so that the context and detail grids align")
+        if h.detail_crop_size is not None:
+            _check(all(dc <= c for dc, c in zip(h.detail_crop_size, crop)), "model.hrda.detail_crop_size",
+                   f"{list(h.detail_crop_size)} is larger than the data.{name}.crop_size {list(crop)} it is cut from")
+
+
 def validate(cfg: Config) -> None:
-    """Range checks that types alone cannot express. Raises ``ConfigError`` naming the key."""
+    """Every key's legal range (``_RANGES``: finite numbers within bounds) and the relations between keys.
+    Raises ``ConfigError`` naming the key."""
     _check_names(cfg)
-    o, t, u, d = cfg.optim, cfg.train, cfg.uda, cfg.data
+    _check_numbers(cfg)
+    o, u, d = cfg.optim, cfg.uda, cfg.data
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two values in [0, 1)")
-    _check(o.warmup_iters >= 0, "optim.warmup_iters", "must be >= 0")
-    _check(0 < o.warmup_ratio <= 1, "optim.warmup_ratio", "must be in (0, 1]")
-    _check(t.max_iters >= 0, "train.max_iters", "must be >= 0")
-    for k in ("checkpoint_interval", "eval_interval", "log_interval", "debug_img_interval"):
-        _check(getattr(t, k) >= 0, f"train.{k}", "must be >= 0 (0 disables it)")
-    _check(t.keep_last is None or t.keep_last >= 1, "train.keep_last", "must be >= 1 or null")
-    _check(0 <= u.ema.alpha <= 1, "uda.ema.alpha", f"momentum must be in [0, 1], got {u.ema.alpha}")
-    _check(0 <= u.bank.momentum <= 1, "uda.bank.momentum", f"momentum must be in [0, 1], got {u.bank.momentum}")
-    _check(0 <= u.pseudo_threshold <= 1, "uda.pseudo_threshold", "must be in [0, 1]")
-    _check(u.pseudo_weight_ignore_top >= 0, "uda.pseudo_weight_ignore_top", "must be >= 0")
-    _check(u.pseudo_weight_ignore_bottom >= 0, "uda.pseudo_weight_ignore_bottom", "must be >= 0")
-    _check(u.bank.update_interval >= 1, "uda.bank.update_interval", "must be >= 1")
-    _check(u.bank.size >= 1, "uda.bank.size", "must be >= 1")
-    _check(0 <= u.dual_level.a_smooth <= 1, "uda.dual_level.a_smooth", "must be in [0, 1]")
-    _check(u.dual_level.chunk_rows >= 0, "uda.dual_level.chunk_rows", "must be >= 0")
-    _check(0 <= u.augment.color_jitter_prob <= 1, "uda.augment.color_jitter_prob", "must be in [0, 1]")
     _check_mic(cfg)
     _check_pseudo_margins(cfg)
     _check(all(0 <= c < cfg.model.num_classes for c in u.feature_distance.classes),
            "uda.feature_distance.classes", f"class ids must be in [0, {cfg.model.num_classes})")
-    _check(0 < o.layer_decay <= 1, "optim.layer_decay", f"must be in (0, 1] (1: off), got {o.layer_decay}")
     _check_vit(cfg.model.vit)
-    _check(cfg.model.num_classes >= 1, "model.num_classes", "must be >= 1")
-    _check(0 <= cfg.model.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
-    _check(d.batch_size >= 1, "data.batch_size", "must be >= 1")
-    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _check(d.max_bad_samples >= 0, "data.max_bad_samples", "must be >= 0")
-    _check(d.rcs.temperature > 0, "data.rcs.temperature", "must be > 0")
     for name in ("source", "target", "val"):
         ds: DatasetCfg = getattr(d, name)
         key = f"data.{name}"
         _check(bool(ds.root), f"{key}.root", f"a {ds.kind} dataset needs a root")
-        _check(len(ds.img_scale) == 2 and min(ds.img_scale) > 0, f"{key}.img_scale", "two positive ints")
-        _check(len(ds.crop_size) == 2 and min(ds.crop_size) > 0, f"{key}.crop_size", "two positive ints")
-        _check(0 < ds.cat_max_ratio <= 1, f"{key}.cat_max_ratio", "must be in (0, 1]")
-        _check(0 <= ds.flip_prob <= 1, f"{key}.flip_prob", "must be in [0, 1]")
         if name != "val":
             # A keep-ratio resize makes the short side at most min(img_scale): a crop larger than that
             # would always be padded, which is almost surely a mistake.
             _check(max(ds.crop_size) <= max(ds.img_scale) and min(ds.crop_size) <= min(ds.img_scale),
                    f"{key}.crop_size", f"{list(ds.crop_size)} is larger than the image scale {list(ds.img_scale)}")
+    _check_relations(cfg)
 
 
 def to_yaml(cfg: Config) -> str:

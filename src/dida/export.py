@@ -29,6 +29,7 @@ import torch
 
 from dida.errors import CheckpointError, ConfigError
 from dida.hub import EXPORT_CONFIG, EXPORT_META, EXPORT_WEIGHTS, HubError, file_sha256
+from dida.io import claim_output, make_temp_dir
 
 __all__ = ["EXPORT_FORMAT_VERSION", "MODEL_CARD", "export_folder", "method_name", "model_card", "upload_folder"]
 
@@ -88,7 +89,7 @@ def _model_states(cfg: Any, ckpt: Mapping[str, Any], source: str) -> dict[str, S
     states: dict[str, StateDict] = {}
     for which in EXPORT_WEIGHTS:
         if which in parts or (which == "model" and "weights" in parts):
-            load_checkpoint(model, ckpt, which=which, source=source)
+            load_checkpoint(model, ckpt, which=which, source=source, segmentor_only=True)
             states[which] = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     if "model" not in states:
         raise CheckpointError(f"{source}: has no student (model) weights to export.")
@@ -271,8 +272,11 @@ def export_folder(source: str | os.PathLike[str], dest: str | os.PathLike[str], 
     from dida.config import to_yaml
 
     source, dest = Path(source), Path(dest)
-    if dest.exists() and not (force and dest.is_dir()):
+    if dest.exists() and not dest.is_dir():
+        raise CheckpointError(f"{dest}: is a file; --to needs a folder path (it is created).")
+    if dest.exists() and not force:
         raise CheckpointError(f"{dest}: already exists; pass --force to replace it, or choose another --to.")
+    claim_output(dest, kind="dir", files=(), option="--to")  # checks that its folder is writable
     ckpt_path, run_dir = _locate(source, checkpoint)
     ckpt = read_checkpoint(ckpt_path, allow_pickle=allow_pickle)
     cfg = _load_cfg(ckpt, run_dir, config, ckpt_path)
@@ -284,7 +288,7 @@ def export_folder(source: str | os.PathLike[str], dest: str | os.PathLike[str], 
         raise ConfigError(f"{metrics}: not a readable metrics.json (written by dida test).")
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    staging = make_temp_dir(dest.parent, prefix=f".{dest.name}.")
     try:
         meta: dict[str, Any] = {
             "format": "dida-export", "version": EXPORT_FORMAT_VERSION, "dida_version": __version__,
@@ -300,8 +304,10 @@ def export_folder(source: str | os.PathLike[str], dest: str | os.PathLike[str], 
         (staging / MODEL_CARD).write_text(model_card(cfg=cfg, meta=meta, ref=ref, test=test, rows=_eval_rows(run_dir)))
         _check_round_trip(staging, states)
         _move_into_place(staging, dest, force)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):  # name the folder asked for, not the staging one
+            e.filename, e.filename2 = str(dest), None
         raise
     return meta
 

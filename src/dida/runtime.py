@@ -10,7 +10,14 @@ import torch
 
 from dida.errors import ConfigError
 
-__all__ = ["AMP_DTYPES", "amp_dtype", "autocast", "compile_models", "inference_precision", "resolve_device"]
+__all__ = [
+    "AMP_DTYPES", "MAX_PROCESSES", "amp_dtype", "autocast", "compile_models", "ignore_interrupts",
+    "inference_precision", "resolve_device",
+]
+
+# The most worker processes a command starts (--nproc, data.num_workers): more is a typo that would fork
+# thousands of processes.
+MAX_PROCESSES = 256
 
 # "off" runs in float32 (TF32 matmuls where the backend allows them).
 AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,21 +43,52 @@ def autocast(device: torch.device | str, amp: str = "off") -> contextlib.Abstrac
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
-def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve_device(name: str | torch.device | None = "auto", *, key: str = "--device") -> torch.device:
     """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is checked and returned.
 
+    Only devices that can run a model are accepted: ``cpu``, ``cuda`` / ``cuda:N`` (N an existing GPU) and
+    ``mps`` where PyTorch has it; ``meta`` and the like are refused.
+
+    Args:
+        key: how the command line or the configuration names the setting (``--device``, ``run.device``).
+
     Raises:
-        ConfigError: a name that is not a device, or CUDA asked for on a machine without it.
+        ConfigError: a name that is not a device, or a device this machine does not have.
     """
     if name is None or str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cpu = "--device cpu" if key.startswith("-") else f"{key}=cpu"
     try:
         device = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"--device '{name}': not a device name ({e}). Use cpu, cuda, cuda:N or auto.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine. Use --device cpu.")
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ConfigError(f"{key} '{name}': not a device name ({e}). Use cpu, cuda, cuda:N or auto.") from None
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ConfigError(f"{key} '{name}': the CPU has no index; use cpu.")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{key} {name}: CUDA is not available on this machine. Use {cpu}.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{key} {name}: this machine has {torch.cuda.device_count()} GPU(s) "
+                              f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1}).")
+    elif device.type == "mps":
+        if not _mps_available():
+            raise ConfigError(f"{key} {name}: Apple's MPS is not available on this machine. Use {cpu}.")
+    elif device.type != "cpu":
+        raise ConfigError(f"{key} '{name}': dida runs models on cpu, cuda, cuda:N or mps, not {device.type}.")
     return device
+
+
+def ignore_interrupts() -> None:
+    """Initializer of worker pools: Ctrl-C reaches the main process alone, which stops the pool and reports it
+    in one line (workers would each print a ``KeyboardInterrupt`` traceback)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def compile_models(module: torch.nn.Module, *, backend: str, mode: str | None) -> int:

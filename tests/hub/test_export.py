@@ -98,8 +98,10 @@ def test_existing_folder_needs_force_and_writes_are_atomic(run, tmp_path, capsys
     assert (out / "mine.txt").read_text() == "keep"
     # A failure while writing leaves the previous folder as it was, and no partial folder.
     monkeypatch.setattr("dida.export.model_card", lambda **kw: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        main(["export", str(run["dir"]), "--to", str(out), "--force"])
+    assert main(["export", str(run["dir"]), "--to", str(out), "--force"]) == 1  # an unexpected error: a bug
+    assert "bug: unexpected ZeroDivisionError" in capsys.readouterr().err
+    with pytest.raises(ZeroDivisionError):  # --debug shows it as it is
+        main(["export", str(run["dir"]), "--to", str(out), "--force", "--debug"])
     assert [p.name for p in tmp_path.iterdir()] == ["export"] and (out / "mine.txt").is_file()
     monkeypatch.undo()
     assert main(["export", str(run["dir"]), "--to", str(out), "--force"]) == 0

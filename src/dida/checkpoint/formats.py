@@ -43,7 +43,7 @@ def first(items: Iterable[Any], n: int = _SHOW) -> str:
 def strip_prefix(sd: Mapping[str, Any], prefix: str = "module.") -> dict[str, Any]:
     """Remove ``prefix`` from the keys that start with it (other keys unchanged); returns a new dict."""
     n = len(prefix)
-    return {(k[n:] if k.startswith(prefix) else k): v for k, v in sd.items()}
+    return {(k[n:] if isinstance(k, str) and k.startswith(prefix) else k): v for k, v in sd.items()}
 
 
 def is_tensor_dict(obj: Any) -> bool:

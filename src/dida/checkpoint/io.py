@@ -9,6 +9,7 @@ Every write is atomic (temporary file + rename) and holds only values a safe loa
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -34,6 +35,11 @@ __all__ = [
 FORMAT_NAME = "dida"
 # 2: term state under "terms" (version 1 had "imnet_model" / "instance_bank" at the top level).
 FORMAT_VERSION = 2
+
+
+# OSErrors that say the file cannot be read at all (rather than that its content is damaged).
+_READ_ERRNOS = {errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.ELOOP,
+                errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ESTALE}
 
 
 def describe_source(source: str | os.PathLike[str] | None) -> str:
@@ -79,9 +85,10 @@ def read_checkpoint(path: str | os.PathLike[str], allow_pickle: bool = False) ->
     except pickle.UnpicklingError as e:
         msg = str(e)
         found = re.search(r"GLOBAL (\S+) was not an allowed global", msg)
-        if not allow_pickle and found is not None:
+        name = found.group(1) if found is not None else _unsafe_global(path)
+        if not allow_pickle and name is not None:
             raise CheckpointError(
-                f"{path}: refusing to unpickle the Python object {found.group(1)!r}: loading it could run "
+                f"{path}: refusing to unpickle the Python object {name!r}: loading it could run "
                 "arbitrary code. If you trust the file's source, re-run with --allow-pickle "
                 "(allow_pickle=True)."
             ) from None
@@ -89,11 +96,6 @@ def read_checkpoint(path: str | os.PathLike[str], allow_pickle: bool = False) ->
         reason = detail[-2].strip()[:120] if len(detail) >= 2 else msg[:120]
         raise CheckpointError(
             f"{path}: truncated or not a checkpoint (cannot be unpickled: {reason}). "
-            "Download or copy it again."
-        ) from None
-    except (EOFError, zipfile.BadZipFile, KeyError, ValueError) as e:
-        raise CheckpointError(
-            f"{path}: truncated or not a checkpoint ({type(e).__name__}: {str(e)[:120]}). "
             "Download or copy it again."
         ) from None
     except RuntimeError as e:
@@ -105,11 +107,80 @@ def read_checkpoint(path: str | os.PathLike[str], allow_pickle: bool = False) ->
                 "Download or copy it again."
             ) from None
         raise CheckpointError(f"{path}: cannot load the checkpoint: {text[:300]}") from None
+    except OSError as e:
+        if e.errno in _READ_ERRNOS:  # cannot be read (permissions, I/O error): the command line reports it
+            e.filename = e.filename or str(path)
+            raise
+        raise CheckpointError(
+            f"{path}: truncated or not a checkpoint ({type(e).__name__}: {str(e)[:120]}). "
+            "Download or copy it again."
+        ) from None
+    except Exception as e:  # noqa: BLE001 (a damaged file makes the unpickler fail in any way: one message)
+        name = None if allow_pickle else _unsafe_global(path)
+        if name is not None:
+            raise CheckpointError(
+                f"{path}: refusing to unpickle the Python object {name!r}: loading it could run arbitrary code. "
+                "If you trust the file's source, re-run with --allow-pickle (allow_pickle=True)."
+            ) from None
+        raise CheckpointError(
+            f"{path}: truncated or not a checkpoint ({type(e).__name__}: {str(e)[:120]}). "
+            "Download or copy it again."
+        ) from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"{path}: holds a {type(obj).__name__}, not a dict of tensors; not a checkpoint dida can read."
         )
+    if not all(isinstance(k, str) for k in obj):
+        raise CheckpointError(f"{path}: holds a dict whose keys are not all names (strings); not a checkpoint dida "
+                              "can read.")
     return dict(obj)
+
+
+def _pickle_streams(path: Path) -> list[bytes]:
+    """The pickle bytes of a checkpoint file: ``data.pkl`` of a zip checkpoint, else the whole file."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            return [z.read(n) for n in z.namelist() if n.endswith(".pkl")]
+    return [path.read_bytes()]
+
+
+def _unsafe_global(path: Path) -> str | None:
+    """The first Python object a pickle in ``path`` names that the safe loader does not allow (the opcodes
+    GLOBAL, INST and STACK_GLOBAL), or None (none found, or not a pickle at all). Read without executing."""
+    import pickletools
+
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    allowed = set(_get_allowed_globals())
+    allowed.update(f"{getattr(g, '__module__', '')}.{getattr(g, '__name__', '')}"
+                   for g in torch.serialization.get_safe_globals() if not isinstance(g, tuple))
+    try:
+        streams = _pickle_streams(path)
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return None
+    for data in streams:
+        pos, strings = 0, []
+        while pos < len(data):  # a legacy torch file is several pickles in a row
+            try:
+                for op, arg, end in pickletools.genops(data[pos:]):
+                    if op.name in ("GLOBAL", "INST"):
+                        name = ".".join(str(arg).split(" ", 1))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        name = f"{strings[-2]}.{strings[-1]}"
+                    else:
+                        if isinstance(arg, str):
+                            strings.append(arg)
+                        if op.name == "STOP":
+                            pos += (end or 0) + 1
+                            break
+                        continue
+                    if name not in allowed:
+                        return name
+                else:
+                    break
+            except Exception:  # noqa: BLE001 (damaged bytes: stop reading, nothing unsafe was found)
+                break
+    return None
 
 
 def read_export_folder(folder: str | os.PathLike[str], allow_pickle: bool = False) -> dict[str, Any]:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from dida.config import ModelCfg
 
 __all__ = [
-    "infer_model_fields", "load_checkpoint", "load_pretrained", "load_state_dict_strict",
+    "first_nonfinite", "infer_model_fields", "load_checkpoint", "load_pretrained", "load_state_dict_strict",
     "model_cfg_from_checkpoint",
 ]
 
@@ -95,12 +95,27 @@ def load_state_dict_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], so
             "checkpoint's architecture and class count (e.g. the model.* config keys), or pick the "
             "right checkpoint."
         )
+    bad = first_nonfinite(sd)
+    if bad is not None:
+        raise CheckpointError(
+            f"{source}: cannot load {what}: the tensor {bad} holds non-finite values (NaN or inf), so every "
+            "prediction would be garbage (the run that wrote it diverged). Use an earlier checkpoint (an iter_N.pth from before the "
+            "divergence) or train again with a lower optim.lr."
+        )
     full = dict(sd)
     for k in expected:
         if k not in full:
             full[k] = expected[k]  # a tolerated num_batches_tracked
     module.load_state_dict(full, strict=True)
     return len(sd)
+
+
+def first_nonfinite(sd: Mapping[str, Any]) -> str | None:
+    """The name of the first floating-point tensor of ``sd`` holding NaN or inf, or None."""
+    for key, value in sd.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
 
 
 def _guess_architecture(sd: Mapping[str, torch.Tensor]) -> str:
@@ -178,6 +193,7 @@ def load_checkpoint(
     *,
     allow_pickle: bool = False,
     source: str | os.PathLike[str] | None = None,
+    segmentor_only: bool = False,
 ) -> dict[str, Any]:
     """Load any supported checkpoint into a segmentor (or a bare backbone), strictly.
 
@@ -189,13 +205,17 @@ def load_checkpoint(
             (``model``/``ema_model``) checkpoint; ignored for single-model files.
         allow_pickle: trust the file (unsafe unpickling).
         source: the file an already-read dict came from, named in error messages.
+        segmentor_only: refuse a file holding only a backbone's weights (ImageNet / Hugging Face
+            pretraining): loaded into a segmentor, its head would stay random (``test``, ``infer``,
+            ``bank build``, ``export``).
 
     Returns:
         info dict: ``source``, ``format``, ``which``, ``target`` (``"segmentor"`` or ``"backbone"``),
         ``num_tensors`` loaded, ``dropped`` (keys deliberately left out), ``iteration`` (if known).
 
     Raises:
-        CheckpointError: unreadable file, unknown layout, missing sub-model, or any key/shape mismatch.
+        CheckpointError: unreadable file, unknown layout, missing sub-model, any key/shape mismatch, a NaN or
+            inf tensor, or (``segmentor_only``) backbone weights alone.
     """
     from dida.models.base import BaseSegmentor
 
@@ -209,6 +229,13 @@ def load_checkpoint(
         raise CheckpointError(f"{source}: {e}") from None
     info: dict[str, Any] = {"source": source, "format": fmt, "which": which, "dropped": [], "iteration": None}
     if fmt not in ("dida", "mmcv", "segmentor"):
+        if segmentor_only:
+            raise CheckpointError(
+                f"{source}: holds only the weights of a backbone ({fmt} format, e.g. ImageNet or Hugging Face "
+                "pretraining), no segmentation head: its predictions would come from a random head. Give a "
+                "trained checkpoint (a run's latest.pth, a converted mmcv checkpoint, an export), or use this "
+                f"file to start a training run: model.pretrained={source}."
+            )
         _load_backbone_file(model, obj, source, info)
         return info
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from dida.config import MAX_IMAGE_SIDE
 from dida.data.kinds import DATASET_KINDS
 from dida.errors import DataError
+from dida.io import claim_output
 from dida.runtime import resolve_device
 from dida.uda.bank_builder import FEATURES_FILE, LABELS_FILE, build_bank, format_histogram
 
@@ -47,7 +48,8 @@ def _load_model(args: Any) -> tuple[nn.Module, Any]:
     ckpt = read_checkpoint(args.checkpoint, allow_pickle=bool(getattr(args, "allow_pickle", False)))
     resolved = config_for_checkpoint(ckpt, where=str(args.checkpoint), config=getattr(args, "config", None))
     model = build_model(resolved.cfg.model)
-    load_checkpoint(model, ckpt, which=getattr(args, "which", "model"), source=str(args.checkpoint))
+    load_checkpoint(model, ckpt, which=getattr(args, "which", "model"), source=str(args.checkpoint),
+                    segmentor_only=True)
     return model, resolved
 
 
@@ -82,11 +84,17 @@ def main(args: argparse.Namespace) -> int:
     """``dida bank build CHECKPOINT --data ROOT --out DIR``: write ``f_buffer_s.npz`` / ``l_buffer_s.npz``."""
     if args.size < 1:
         raise DataError(f"--size must be >= 1, got {args.size}.")
+    if args.max_images is not None and args.max_images < 1:
+        raise DataError(f"--max-images must be >= 1, got {args.max_images}.")
+    if args.img_scale and (min(args.img_scale) < 1 or max(args.img_scale) > MAX_IMAGE_SIDE):
+        raise DataError(f"--img-scale needs two sizes in [1, {MAX_IMAGE_SIDE}], got {list(args.img_scale)}.")
+    device = resolve_device(getattr(args, "device", "auto"))
+    out = claim_output(args.out, kind="dir", files=[FEATURES_FILE, LABELS_FILE], option="--out",
+                       force=bool(getattr(args, "force", False)))
     model, resolved = _load_model(args)
     num_classes = int(model.num_classes)
     kind, root, img_scale, why = _data_settings(args, model, resolved)
     dataset = _build_dataset(kind, root, num_classes)
-    device = resolve_device(getattr(args, "device", "auto"))
     print(f"bank from {len(dataset)} {kind} images in {root} at {img_scale[0]}x{img_scale[1]} ({why})",
           file=sys.stderr)
     bank = build_bank(
@@ -100,7 +108,6 @@ def main(args: argparse.Namespace) -> int:
         img_scale=img_scale,
         amp=getattr(args, "amp", "off"),
     )
-    out = Path(args.out)
     bank.save_npz(out / FEATURES_FILE, out / LABELS_FILE)
     print(f"wrote {out / FEATURES_FILE} ({bank.num_entries} x {bank.dim} float32) and {out / LABELS_FILE}")
     print("entries per class:")

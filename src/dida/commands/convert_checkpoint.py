@@ -17,6 +17,7 @@ from dida.checkpoint import (
 )
 from dida.checkpoint.io import plain
 from dida.errors import CheckpointError
+from dida.io import claim_output
 from dida.models import build_model
 
 __all__ = ["main"]
@@ -30,6 +31,7 @@ def main(args: argparse.Namespace) -> int:
     verified by a strict load into the inferred architecture before anything is written.
     """
     src = Path(args.input)
+    claim_output(args.output, inputs=[src], force=bool(getattr(args, "force", False)), option="OUTPUT")
     obj = read_checkpoint(src, allow_pickle=bool(getattr(args, "allow_pickle", False)))
     fmt = detect_format(obj)
     if fmt != "mmcv":

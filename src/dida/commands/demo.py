@@ -17,5 +17,5 @@ def main(args: argparse.Namespace) -> int:
     if iters is not None and iters < 1:
         raise DidaError(f"--iters must be at least 1, got {iters}.")
     run_demo(Path(args.out), seed=int(getattr(args, "seed", 0)), iters=iters,
-             quick=bool(getattr(args, "quick", False)))
+             quick=bool(getattr(args, "quick", False)), force=bool(getattr(args, "force", False)))
     return 0

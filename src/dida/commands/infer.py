@@ -10,10 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from dida.config import MAX_IMAGE_SIDE
 from dida.engine.hrda_outputs import align_input, attention_image, hrda_branch
 from dida.engine.predict import IMAGE_SUFFIXES, list_images, predict_image
 from dida.errors import CheckpointError, ConfigError, DataError, DidaError
-from dida.io import write_png
+from dida.io import claim_output, write_png
 from dida.runtime import inference_precision, resolve_device
 from dida.visualize import overlay
 
@@ -37,7 +38,8 @@ def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
     ckpt = read_checkpoint(ckpt_path, allow_pickle=args.allow_pickle)
     resolved = config_for_checkpoint(ckpt, where=ckpt_path, config=args.config)
     model = build_model(resolved.cfg.model)
-    load_checkpoint(model, ckpt, which=args.which, allow_pickle=args.allow_pickle, source=ckpt_path)
+    load_checkpoint(model, ckpt, which=args.which, allow_pickle=args.allow_pickle, source=ckpt_path,
+                    segmentor_only=True)
     hrda_out = getattr(args, "hrda_out", None)
     if hrda_out:
         model = hrda_branch(model, hrda_out, source=f"{ckpt_path} ({resolved.describe()})")
@@ -66,6 +68,18 @@ def _find_images(inputs: Path, out_dir: Path, recursive: bool) -> list[Path]:
     return images
 
 
+def _output_stems(images: list[Path], root: Path) -> dict[Path, Path]:
+    """Each image's output stem relative to ``--out`` (its sub-folder and name without suffix). Images of one
+    folder that share a name (``a.png``, ``a.jpg``) keep their suffix in it (``a_png``, ``a_jpg``), so that no
+    prediction overwrites another."""
+    stems = {p: p.relative_to(root).parent / p.stem for p in images}
+    counts: dict[Path, int] = {}
+    for stem in stems.values():
+        counts[stem] = counts.get(stem, 0) + 1
+    return {p: (stem.parent / f"{p.stem}_{p.suffix.lstrip('.')}" if counts[stem] > 1 else stem)
+            for p, stem in stems.items()}
+
+
 def main(args: argparse.Namespace) -> int:
     """``dida infer CHECKPOINT IMAGE_OR_DIR``: overlays and label maps; unreadable images are skipped."""
     import cv2
@@ -75,25 +89,35 @@ def main(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.opacity <= 1.0:
         raise ConfigError(f"--opacity must be in [0, 1], got {args.opacity}.")
-    if args.img_scale is not None and (len(args.img_scale) != 2 or min(args.img_scale) <= 0):
-        raise ConfigError(f"--img-scale needs two positive sizes, got {args.img_scale}.")
+    if args.img_scale is not None and (len(args.img_scale) != 2 or min(args.img_scale) <= 0
+                                       or max(args.img_scale) > MAX_IMAGE_SIDE):
+        raise ConfigError(f"--img-scale needs two sizes in [1, {MAX_IMAGE_SIDE}], got {args.img_scale}.")
     device = resolve_device(args.device)
     out_dir = Path(args.out)
     inputs = Path(args.inputs)
     images = _find_images(inputs, out_dir, getattr(args, "recursive", False))
+    root = inputs if inputs.is_dir() else inputs.parent
+    stems = _output_stems(images, root)
+    attention = getattr(args, "hrda_out", None) == "att"
+    suffixes = ("_attention.png",) if attention else ("_pred.png", "_labelTrainIds.png")
+    claim_output(out_dir, kind="dir", files=[f"{stem}{suffix}" for stem in stems.values() for suffix in suffixes],
+                 inputs=images, force=bool(getattr(args, "force", False)), option="--out")
     model, resolved = _load_model(args, device)
     model, args.amp = inference_precision(model, args.amp)  # bf16: the weights themselves, no autocast
     cfg = resolved.cfg
     args.img_scale = tuple(args.img_scale or cfg.data.val.img_scale)
     mode = args.mode or cfg.eval.mode
+    if mode == "slide":
+        from dida.config import validate
+
+        cfg.eval.mode = mode
+        validate(cfg)  # the windows and stride of the model's configuration
     num_classes = int(model.num_classes)
-    attention = getattr(args, "hrda_out", None) == "att"
     what = "HRDA attention maps" if attention else f"{num_classes} classes"
     print(f"{cfg.model.segmentor} on {cfg.model.backbone}, {what}; test scale {args.img_scale[0]}x"
           f"{args.img_scale[1]}, {mode} inference ({resolved.describe()}); {len(images)} image(s) -> {out_dir}",
           file=sys.stderr)
 
-    root = inputs if inputs.is_dir() else inputs.parent
     failed: list[tuple[Path, str]] = []
     done = 0
     for path in tqdm(images, unit="img", desc="infer", dynamic_ncols=True, file=sys.stderr,
@@ -104,20 +128,26 @@ def main(args: argparse.Namespace) -> int:
             failed.append((path, str(e)))
             tqdm.write(f"skipped {path}: {e}", file=sys.stderr)
             continue
-        rel = path.relative_to(root).parent
-        if attention:
-            write_png(out_dir / rel / f"{path.stem}_attention.png", _attention(model, img, args, device))
-            done += 1
+        stem = stems[path]
+        try:
+            if attention:
+                write_png(out_dir / f"{stem}_attention.png", _attention(model, img, args, device))
+                done += 1
+                continue
+            pred = predict_image(model, img, img_scale=args.img_scale, device=device, amp=args.amp, mode=mode,
+                                 crop_size=cfg.eval.crop_size, stride=cfg.eval.stride)
+        except DataError as e:  # e.g. an image too thin for the test scale
+            failed.append((path, str(e)))
+            tqdm.write(f"skipped {path}: {e}", file=sys.stderr)
             continue
-        pred = predict_image(model, img, img_scale=args.img_scale, device=device, amp=args.amp, mode=mode,
-                             crop_size=cfg.eval.crop_size, stride=cfg.eval.stride)
-        write_png(out_dir / rel / f"{path.stem}_pred.png", overlay(img, pred, args.opacity, num_classes))
-        write_png(out_dir / rel / f"{path.stem}_labelTrainIds.png", pred)
+        write_png(out_dir / f"{stem}_pred.png", overlay(img, pred, args.opacity, num_classes))
+        write_png(out_dir / f"{stem}_labelTrainIds.png", pred)
         done += 1
     skipped = f"; {len(failed)} skipped (unreadable)" if failed else ""
     print(f"{done} image(s) written to {out_dir}{skipped}")
     for path, reason in failed:
         print(f"  skipped {path}: {reason}", file=sys.stderr)
     if done == 0:
-        raise DataError(f"{inputs}: none of the {len(images)} image(s) could be read.")
+        reason = f" ({failed[0][1]})" if len(failed) == 1 else " (the reasons are listed above)"
+        raise DataError(f"{inputs}: none of the {len(images)} image(s) could be used{reason}.")
     return 0

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+from pathlib import Path
 
-from dida.data.synthetic import SynthParams, generate
+from dida.data.synthetic import MANIFEST_NAME, SynthParams, check_params, generate
+from dida.io import claim_output
 
 __all__ = ["main"]
 
@@ -14,6 +17,12 @@ def main(args: argparse.Namespace) -> int:
     width, height = (int(v) for v in args.size)
     params = SynthParams(seed=args.seed, num_source=args.num_source, num_target_train=args.num_target_train,
                          num_val=args.num_val, width=width, height=height)
+    check_params(params, nproc=args.nproc)
+    force = bool(getattr(args, "force", False))
+    claim_output(args.root, kind="dir", files=["gta", "cityscapes", MANIFEST_NAME], force=force, option="ROOT")
+    if force:  # files of an earlier set (other sizes or counts) must not join the new one
+        for sub in ("gta", "cityscapes"):
+            shutil.rmtree(Path(args.root) / sub, ignore_errors=True)
     root = generate(args.root, params, nproc=args.nproc)
     print(f"dida synth: wrote {params.num_source} source, {params.num_target_train} target-train and "
           f"{params.num_val} val images of {width}x{height} under {root}")

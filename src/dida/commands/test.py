@@ -16,6 +16,7 @@ from dida.constants import class_names
 from dida.data.kinds import DATASET_KINDS
 from dida.errors import CheckpointError, ConfigError, DataError
 from dida.hub import is_export_folder, is_hub_ref, local_output_dir, resolve, resolve_config
+from dida.io import claim_output
 from dida.runtime import inference_precision, resolve_device
 
 __all__ = ["main", "metrics_to_json"]
@@ -85,13 +86,14 @@ def _check_class_count(ckpt_path: str, ckpt: dict[str, Any], cfg_classes: int, k
 
 def _load_config(args: argparse.Namespace) -> Any:
     """The configuration with the command-line options (``--data-root``, ``--mode``) applied."""
-    from dida.config import load_config
+    from dida.config import load_config, validate
 
     cfg = load_config(resolve_config(args.config), list(args.overrides or ()))
     if args.data_root:
         cfg.data.val.root = args.data_root
     if args.mode:
         cfg.eval.mode = args.mode
+        validate(cfg)  # e.g. slide windows vs the stride
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}.")
     return cfg
@@ -204,22 +206,25 @@ def main(args: argparse.Namespace) -> int:
     ckpt_path = str(resolve(ckpt_ref, which=args.which))  # hf:// -> the Hub cache
     if not Path(ckpt_path).exists():
         raise CheckpointError(f"{ckpt_path}: no such checkpoint file or exported model folder.")
+    hrda_out = getattr(args, "hrda_out", None)
+    out_dir = Path(args.out) if args.out else local_output_dir(ckpt_ref, Path(ckpt_path)) / "test"
+    outputs = ["attention"] if hrda_out == "att" else ["metrics.json", "config.yaml", "iou.png"] + (
+        ["preds"] if args.save_preds else [])
     ckpt = read_checkpoint(ckpt_path, allow_pickle=args.allow_pickle)
     _check_class_count(ckpt_path, ckpt, cfg.model.num_classes, cfg.data.val.kind)
 
     dataset = _load_dataset(cfg)
     val = ValDataset(dataset, img_scale=tuple(cfg.data.val.img_scale))
+    claim_output(out_dir, kind="dir", files=outputs, force=bool(getattr(args, "force", False)), option="--out")
 
     model = build_model(cfg.model)
-    load_checkpoint(model, ckpt, which=args.which, allow_pickle=args.allow_pickle)
-    hrda_out = getattr(args, "hrda_out", None)
+    load_checkpoint(model, ckpt, which=args.which, allow_pickle=args.allow_pickle, source=ckpt_path,
+                    segmentor_only=True)
     if hrda_out:
         model = hrda_branch(model, hrda_out, source=f"{ckpt_path} ({args.config})")
     # bf16: the weights themselves are cast (no autocast); metrics.json still records the requested setting
     model, amp = inference_precision(align_input(model).to(device), args.amp)
 
-    out_dir = Path(args.out) if args.out else local_output_dir(ckpt_ref, Path(ckpt_path)) / "test"
-    out_dir.mkdir(parents=True, exist_ok=True)
     if hrda_out == "att":
         return _write_attention(args, cfg, model, val, dataset, out_dir, device, amp)
     writer = None

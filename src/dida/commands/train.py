@@ -36,7 +36,7 @@ def main(args: argparse.Namespace) -> int:
     if args.config is None:
         raise ConfigError("give a preset or YAML (see `dida train --list-presets`), or --resume RUN_DIR.")
     cfg = load_config(args.config, overrides)
-    run_dir = train(cfg)
+    run_dir = train(cfg, force=bool(getattr(args, "force", False)))
     if os.environ.get("RANK", "0") == "0":
         print(f"Done: {run_dir}")
     return 0

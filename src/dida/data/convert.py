@@ -11,14 +11,16 @@ saved in the three JSON files the reference writes into the dataset root:
 - ``samples_with_class.json``: ``{"<trainId>": [[file, count], ...]}`` (file order; classes in
   first-seen order).
 
-The run is resumable: an output that already exists (and can be read) is not rewritten unless
-``force``; its statistics are still computed from it, so the JSON files always cover every file.
+The run is resumable: an output that already exists, is not older than its source and can be read is not
+rewritten unless ``force``; its statistics are still computed from it, so the JSON files always cover every
+file. A source label changed after its conversion (newer than the output) is converted again.
 Every output is written atomically, so an interrupted run never leaves a half-written PNG.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,9 +38,10 @@ from dida.constants import (
     SYNTHIA_ID_TO_TRAINID,
 )
 from dida.data.kinds import convertible_kinds
-from dida.data.transforms import load_label
+from dida.data.transforms import MAX_IMAGE_PIXELS, check_image_size, load_label
 from dida.errors import DataError
 from dida.io import atomic_open, atomic_path
+from dida.runtime import MAX_PROCESSES, ignore_interrupts
 
 STATS_FILES = ("sample_class_stats.json", "sample_class_stats_dict.json", "samples_with_class.json")
 TRAIN_ID_SUFFIX = "_labelTrainIds.png"
@@ -65,10 +68,11 @@ def class_stats(train_ids: np.ndarray, num_classes: int = NUM_CLASSES) -> dict[s
 
 def read_gta_label_ids(path: str | os.PathLike[str]) -> np.ndarray:
     """GTA label ids [H, W] uint8 from a palette PNG (PIL: the array holds the palette indices)."""
+    check_image_size(path, path)
     try:
         with Image.open(path) as img:
             arr = np.asarray(img)
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot read the label PNG ({e}). Re-download or remove the file.") from None
     if arr.ndim != 2:
         raise DataError(
@@ -80,6 +84,8 @@ def read_gta_label_ids(path: str | os.PathLike[str]) -> np.ndarray:
 
 def read_synthia_label_ids(path: str | os.PathLike[str]) -> np.ndarray:
     """SYNTHIA class ids [H, W] (uint16): the last channel of the 16-bit PNG as OpenCV returns it."""
+    if os.path.isfile(path):
+        check_image_size(path, path)
     arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise DataError(f"{path}: OpenCV cannot read this label PNG (missing, truncated or not a PNG). "
@@ -121,17 +127,31 @@ def _validate_polygons(path: str) -> None:
     from cityscapesscripts.helpers.labels import name2label
 
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        int(data["imgWidth"]), int(data["imgHeight"])
-        labels = [str(obj["label"]) for obj in data["objects"]]
-        for obj in data["objects"]:
-            [(float(p[0]), float(p[1])) for p in obj["polygon"]]
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        width, height = int(data["imgWidth"]), int(data["imgHeight"])
+        objects = data["objects"]
+        if not isinstance(objects, list):
+            raise TypeError(f"objects is a {type(objects).__name__}, not a list")
+        labels = []
+        for obj in objects:
+            if not isinstance(obj["label"], str):
+                raise TypeError(f"a label is a {type(obj['label']).__name__}, not a name: {obj['label']!r}")
+            labels.append(obj["label"])
+            points = obj["polygon"]
+            if not isinstance(points, list) or len(points) < 2 or any(
+                    not isinstance(p, list) or len(p) != 2 for p in points):
+                raise ValueError(f"the polygon of '{obj['label']}' is not a list of at least 2 [x, y] points")
+            if not all(math.isfinite(float(c)) for p in points for c in p):
+                raise ValueError(f"the polygon of '{obj['label']}' has a NaN or infinite coordinate")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise DataError(
             f"{path}: not a valid Cityscapes polygons file ({type(e).__name__}: {e}); it needs imgWidth, "
             "imgHeight and objects with label and polygon. Re-extract gtFine or remove the file."
         ) from None
+    if not (1 <= width and 1 <= height and width * height <= MAX_IMAGE_PIXELS):
+        raise DataError(f"{path}: imgWidth x imgHeight = {width}x{height} is not an image size dida converts (1 to "
+                        f"{MAX_IMAGE_PIXELS} pixels). Re-extract gtFine or remove the file.")
     for label in labels:
         name = label[: -len("group")] if label not in name2label and label.endswith("group") else label
         if name not in name2label:
@@ -149,15 +169,28 @@ def _convert(task: _Task) -> np.ndarray:
             json2labelImg(task.src, str(tmp), "trainIds")
         return load_label(task.dst)
     ids = read_gta_label_ids(task.src) if task.kind == "gta" else read_synthia_label_ids(task.src)
-    train_ids = _lut(task.kind)[ids]
+    lut = _lut(task.kind)
+    if ids.dtype.kind not in "ui" or (ids.size and int(ids.max()) >= lut.size):
+        top = ids.max() if ids.size else "?"
+        raise DataError(f"{task.src}: label values up to {top} ({ids.dtype}) are not {task.kind} label ids (0 to "
+                        f"{lut.size - 1}). Is this the dataset's label file? Re-extract it or remove it.")
+    train_ids = lut[ids]
     _save_train_ids(task.dst, train_ids)
     return train_ids
+
+
+def _up_to_date(dst: str, src: str) -> bool:
+    """``dst`` exists and is not older than ``src`` (a source label changed since: convert it again)."""
+    try:
+        return os.stat(dst).st_mtime_ns >= os.stat(src).st_mtime_ns
+    except OSError:
+        return False
 
 
 def _run_task(task: _Task) -> tuple[dict[str, int | str] | None, bool]:
     """Convert one file (or reuse its output). Returns (stats or None, whether it was written)."""
     train_ids = None
-    if not task.force and os.path.isfile(task.dst):
+    if not task.force and _up_to_date(task.dst, task.src):
         try:
             train_ids = load_label(task.dst)
         except DataError:
@@ -261,7 +294,7 @@ def _run_all(tasks: list[_Task], nproc: int, progress: bool, desc: str) -> Itera
                 bar.update()
         else:
             chunk = max(1, min(16, len(tasks) // (nproc * 8)))
-            with get_context().Pool(nproc) as pool:
+            with get_context().Pool(nproc, initializer=ignore_interrupts) as pool:
                 for result in pool.imap(_run_task, tasks, chunksize=chunk):
                     yield result
                     bar.update()
@@ -286,8 +319,8 @@ def convert_dataset(
     """
     if kind not in convertible_kinds():
         raise DataError(f"unknown dataset kind '{kind}'; choose one of {', '.join(convertible_kinds())}.")
-    if nproc < 1:
-        raise DataError(f"--nproc must be >= 1, got {nproc}.")
+    if not 1 <= nproc <= MAX_PROCESSES:
+        raise DataError(f"--nproc must be in [1, {MAX_PROCESSES}], got {nproc}.")
     root = os.fspath(root)
     tasks, splits = _tasks(kind, root, force)
     sample_class_stats = []

@@ -46,6 +46,7 @@ from PIL import Image, ImageDraw
 from dida.constants import CITYSCAPES_CLASSES, CITYSCAPES_ID_TO_TRAINID, IGNORE_INDEX
 from dida.errors import DataError
 from dida.io import atomic_open, atomic_path, write_png
+from dida.runtime import MAX_PROCESSES, ignore_interrupts
 
 #: Bump when the generator's output changes; the demo regenerates data whose manifest differs.
 GENERATOR_VERSION = 1
@@ -602,6 +603,20 @@ def read_manifest(root: str | os.PathLike[str]) -> dict[str, Any] | None:
         return None
 
 
+MAX_SYNTH_SIDE = 4096
+
+
+def check_params(params: SynthParams, nproc: int = 1) -> None:
+    """Raise ``DataError`` for parameters ``generate`` cannot use."""
+    if min(params.width, params.height) < 16 or max(params.width, params.height) > MAX_SYNTH_SIDE:
+        raise DataError(f"--size: synthetic images of {params.width}x{params.height} px; use sizes from 16 to "
+                        f"{MAX_SYNTH_SIDE}.")
+    if min(params.num_source, params.num_target_train, params.num_val) < 1:
+        raise DataError("--num-source, --num-target-train and --num-val must each be at least 1.")
+    if not 1 <= nproc <= MAX_PROCESSES:
+        raise DataError(f"--nproc must be in [1, {MAX_PROCESSES}], got {nproc}.")
+
+
 def generate(
     root: str | os.PathLike[str], params: SynthParams, nproc: int = 2, progress: bool = True
 ) -> Path:
@@ -610,12 +625,7 @@ def generate(
     The manifest ``root/synth_manifest.json`` is written last, so its presence means a complete set.
     """
     root = Path(root)
-    if min(params.width, params.height) < 16:
-        raise DataError(
-            f"synthetic image size {params.width}x{params.height} is too small; use at least 16x16."
-        )
-    if min(params.num_source, params.num_target_train, params.num_val) < 1:
-        raise DataError("--num-source, --num-target-train and --num-val must each be at least 1.")
+    check_params(params, nproc)
     (root / MANIFEST_NAME).unlink(missing_ok=True)
     tasks = [(d, i, params.seed, params.width, params.height, str(root))
              for d, n in (("source", params.num_source), ("target_train", params.num_target_train),
@@ -623,17 +633,16 @@ def generate(
              for i in range(n)]
     from tqdm import tqdm
 
-    bar = tqdm(total=len(tasks), desc="dida synth", unit="img", disable=not progress)
-    if nproc <= 1:
-        for t in tasks:
-            _generate_one(t)
-            bar.update()
-    else:
-        ctx = multiprocessing.get_context("spawn" if os.name == "nt" else "fork")
-        with ctx.Pool(nproc) as pool:
-            for _ in pool.imap_unordered(_generate_one, tasks, chunksize=4):
+    with tqdm(total=len(tasks), desc="dida synth", unit="img", disable=not progress) as bar:
+        if nproc <= 1:
+            for t in tasks:
+                _generate_one(t)
                 bar.update()
-    bar.close()
+        else:
+            ctx = multiprocessing.get_context("spawn" if os.name == "nt" else "fork")
+            with ctx.Pool(nproc, initializer=ignore_interrupts) as pool:
+                for _ in pool.imap_unordered(_generate_one, tasks, chunksize=4):
+                    bar.update()
     with atomic_open(root / MANIFEST_NAME, "w") as f:
         json.dump(asdict(params), f, indent=2)
     return root

@@ -32,6 +32,40 @@ def data_error(path: str | os.PathLike[str], message: str) -> DataError:
 
 # ------------------------------------------------------------------------------------------ loading
 
+# The largest image (width x height) that is decoded: larger files are refused from their header, before
+# decoding, like PIL's decompression-bomb check (a 30 kB PNG can declare 24000x24000 pixels = 1.7 GB of BGR).
+# 2**28 pixels is 16384 x 16384, far above any dataset's images.
+MAX_IMAGE_PIXELS = 2**28
+
+
+def check_image_size(source: str | os.PathLike[str] | bytes | np.ndarray, path: str | os.PathLike[str]) -> None:
+    """Read the width and height from the header of an image file (``source``: its path or its bytes) and raise
+    a ``DataError`` naming ``path`` when it has more than ``MAX_IMAGE_PIXELS`` pixels. Formats PIL cannot
+    identify are left to the decoder."""
+    import io
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # the header is at the start (PNG, JPEG after its EXIF, BMP, WebP): the first MiB is enough
+            fp = io.BytesIO(bytes(source[: 1 << 20])) if isinstance(source, (bytes, np.ndarray)) else source
+            with Image.open(fp) as img:
+                width, height = img.size
+                shown, pixels = f"{width}x{height} pixels", width * height
+    except Image.DecompressionBombError as e:  # PIL refused it from the header: far too large
+        import re
+
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = int(found.group(1)) if found else MAX_IMAGE_PIXELS + 1
+        shown = f"{pixels} pixels"
+    except Exception:  # noqa: BLE001 (not identifiable by PIL: the decoder decides)
+        return
+    if pixels > MAX_IMAGE_PIXELS:
+        raise data_error(path, f"the image declares {shown}, more than dida decodes ({MAX_IMAGE_PIXELS} pixels, "
+                               "e.g. 16384x16384): a decompression bomb or a damaged file. Resize or remove it.")
+
+
 
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Decode an image file as BGR uint8 [H, W, 3] (OpenCV, colour mode, like mmcv).
@@ -42,6 +76,8 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     if not os.path.isfile(path):
         raise data_error(path, "image file not found. Check the dataset root and split.")
     buf = np.fromfile(path, dtype=np.uint8)
+    if buf.size:
+        check_image_size(buf, path)
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if img is None:
         raise data_error(path, "OpenCV cannot decode this image (truncated or not an image). "
@@ -57,10 +93,11 @@ def load_label(path: str | os.PathLike[str]) -> np.ndarray:
     """
     if not os.path.isfile(path):
         raise data_error(path, "label file not found. Run `dida convert` on the dataset root first.")
+    check_image_size(path, path)
     try:
         with Image.open(path) as img:
             arr = np.asarray(img)
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise data_error(path, f"cannot read the label PNG ({e}). Re-run `dida convert --force` "
                                "or remove the sample.") from None
     if arr.ndim == 3 and arr.shape[2] == 1:

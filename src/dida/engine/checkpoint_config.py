@@ -87,7 +87,9 @@ def config_for_checkpoint(ckpt: Mapping[str, Any], *, where: str, config: str | 
         try:
             cfg = load_config_text(ckpt["config"], f"{where} (stored configuration)", list(overrides))
         except ConfigError as e:
-            raise ConfigError(f"{e} Pass --config with the preset or YAML the checkpoint was trained with.") from None
+            message = str(e) if str(e).startswith(where) else f"{where} (stored configuration): {e}"
+            raise ConfigError(f"{message.rstrip('.')}. Pass --config with the preset or YAML the checkpoint was "
+                              "trained with.") from None
         resolved = ResolvedConfig(cfg, "the checkpoint's configuration")
     else:
         model_cfg = model_cfg_from_checkpoint(ckpt)

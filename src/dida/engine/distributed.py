@@ -36,7 +36,7 @@ def init_from_env(device_pref: str = "auto") -> torch.device:
     """
     ws = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_pref)
+    device = resolve_device(device_pref, key="run.device")
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", local_rank)

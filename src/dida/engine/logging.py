@@ -147,7 +147,7 @@ class DebugVisualizer:
         import torch
 
         from dida.constants import IMG_MEAN, IMG_STD
-        from dida.io import atomic_path
+        from dida.io import write_png
         from dida.visualize import palette_lut
 
         palette = palette_lut()
@@ -176,6 +176,5 @@ class DebugVisualizer:
         w = max(r.shape[1] for r in rows)
         grid = np.concatenate([np.pad(r, ((0, 0), (0, w - r.shape[1]), (0, 0))) for r in rows], axis=0)
         path = self.out_dir / f"{it:06d}.png"
-        with atomic_path(path) as tmp:
-            cv2.imwrite(str(tmp), grid[..., ::-1])
+        write_png(path, np.ascontiguousarray(grid[..., ::-1]))
         return path

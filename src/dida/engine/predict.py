@@ -74,6 +74,8 @@ def list_images(path: str | Path, *, recursive: bool = False, exclude: Path | No
         raise DataError(f"{path}: no such image file or folder.")
     pattern = "**/*" if recursive else "*"
     exclude_resolved = exclude.resolve() if exclude is not None else None
+    if exclude_resolved is not None and path.resolve() not in exclude_resolved.parents:
+        exclude_resolved = None  # the output folder is not below the input folder (it may be the folder itself)
     files = []
     for f in sorted(path.glob(pattern)):
         if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES or f.name.endswith(_OUTPUT_SUFFIXES):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import signal
 import sys
 import time
@@ -41,11 +42,23 @@ from dida.errors import CheckpointError, ConfigError, DataError, DidaError
 from dida.io import atomic_path
 from dida.runtime import autocast, compile_models
 
-__all__ = ["NonFiniteLossError", "RunLock", "build_models", "build_training_state", "train"]
+__all__ = ["NonFiniteLossError", "RunLock", "RunStopped", "build_models", "build_training_state", "train"]
 
 
 class NonFiniteLossError(DidaError):
     """A loss (or the gradients) became NaN or inf."""
+
+
+class RunStopped(KeyboardInterrupt):
+    """The run stopped on SIGINT / SIGTERM after writing a checkpoint; the message says how to continue.
+
+    Attributes:
+        exit_code: 130 (SIGINT) or 143 (SIGTERM), as a shell reports a process ended by the signal.
+    """
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # ------------------------------------------------------------------------------------ run folder
@@ -129,6 +142,9 @@ class _StopRequest:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[_StopRequest]:
+        """Install the handlers for the block. SIGTERM sent to the whole process group (``docker stop``, Slurm)
+        also ends the DataLoader workers: once a stop is requested, PyTorch's SIGCHLD handler (which raises
+        wherever the main thread happens to be) is held back, so that the loop reaches its checkpoint."""
         import threading
 
         if threading.current_thread() is not threading.main_thread():
@@ -136,6 +152,13 @@ class _StopRequest:
             return
         for s in (signal.SIGINT, signal.SIGTERM):
             self._old[s] = signal.signal(s, self._handle)
+        previous = signal.getsignal(signal.SIGCHLD)
+        if callable(previous):
+            def on_child(signum: int, frame: Any) -> None:
+                if self.requested is None:
+                    previous(signum, frame)
+
+            self._old[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, on_child)
         try:
             yield self
         finally:
@@ -222,40 +245,70 @@ def train(
     resume: str | os.PathLike[str] | None = None,
     *,
     on_end: Callable[[dict[str, torch.nn.Module]], None] | None = None,
+    force: bool = False,
 ) -> Path:
     """Train as configured; returns the run directory.
+
+    ``run_dir/config.yaml`` is written once the run has started (models built, data found, checkpoint
+    restored): a run that fails at once, or a refused ``--resume``, leaves the folder as it was.
 
     Args:
         cfg: the resolved configuration.
         resume: a run directory to continue from its ``latest.pth``.
         on_end: called on every rank after the last iteration with ``{"model": student, "ema_model":
             teacher, <term name>: term, ...}`` (hooks for tests and tools; nothing else reaches into the loop).
+        force: start a new run in a folder whose ``config.yaml`` holds another configuration (and no checkpoint).
     """
     device = dist_utils.init_from_env(cfg.run.device)
     rank = dist_utils.rank()
     run_dir = Path(resume) if resume is not None else Path(cfg.run.dir)
-    if resume is None and (run_dir / "latest.pth").exists():
-        raise DidaError(
-            f"{run_dir}: this run directory already holds a checkpoint. Continue it with "
-            f"`dida train --resume {run_dir}`, or choose another run.dir."
-        )
+    _check_run_dir(run_dir, cfg, resuming=resume is not None, force=force)
     if cfg.train.amp == "fp16" and device.type != "cuda":
         raise ConfigError("train.amp: fp16 needs a CUDA device; use bf16 or off on CPU.")
+    created = not run_dir.exists()
     lock = RunLock(run_dir) if rank == 0 else contextlib.nullcontext()
     with lock:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if rank == 0:
-            with atomic_path(run_dir / "config.yaml") as tmp:
-                tmp.write_text(to_yaml(cfg))
         try:
             run = _TrainingRun(cfg, device, run_dir, rank, dist_utils.world_size())
-            run.prepare(resuming=resume is not None)
+            try:
+                run.prepare(resuming=resume is not None)
+            except BaseException:
+                if created and rank == 0:  # nothing of the run's exists yet: leave no empty folder behind
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                raise
+            if rank == 0:
+                with atomic_path(run_dir / "config.yaml") as tmp:
+                    tmp.write_text(to_yaml(cfg))
             run.loop()
             if on_end is not None:
                 on_end(run.models())
             return run_dir
         finally:
             dist_utils.cleanup()
+
+
+def _check_run_dir(run_dir: Path, cfg: Config, *, resuming: bool, force: bool) -> None:
+    """Refuse a run folder that is a file, or (a new run) one holding a checkpoint or another configuration."""
+    from dida.io import claim_output
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DidaError(f"{run_dir}: is a file, not a folder; choose another run.dir.")
+    claim_output(run_dir, kind="dir", files=(), option="run.dir")  # a read-only or full disk: before any work
+    if resuming:
+        return
+    if (run_dir / "latest.pth").exists():
+        raise DidaError(
+            f"{run_dir}: this run directory already holds a checkpoint. Continue it with "
+            f"`dida train --resume {run_dir}`, or choose another run.dir."
+        )
+    config = run_dir / "config.yaml"
+    if config.is_file() and not force and config.read_text(errors="replace") != to_yaml(cfg):
+        raise DidaError(
+            f"{config}: this folder already holds another configuration (a run that stopped before its first "
+            "checkpoint, or a file of yours), which a new run would replace. Choose another run.dir, or pass "
+            "--force to start the new run there."
+        )
 
 
 class _TrainingRun:
@@ -408,6 +461,11 @@ class _TrainingRun:
             self.save()
             raise DataError(f"{e} (training stopped at iteration {it}; checkpoint written to "
                             f"{self.run_dir / 'latest.pth'}; fix the data, then --resume)") from None
+        except Exception:
+            if self.stop.requested:  # the loader workers got the same SIGTERM and are gone: stop here
+                self.save()
+                raise self._stopped(it) from None
+            raise
         for f in batch.pop("bad_files", []) or []:
             # distinct files count against max_bad_samples (one bad file may be drawn often)
             new = [x for x in (f if isinstance(f, list) else [f]) if x not in bad_files]
@@ -440,6 +498,22 @@ class _TrainingRun:
         with autocast(self.device, cfg.train.amp):
             out = self.step(batch, it, generator=self.generator, backward=backward, debug=debug)
         return out, lr
+
+    def first_step(self, batch: dict[str, Any]) -> tuple[Any, float]:
+        """``run_step`` for the first iteration of this process: a model that cannot run on the configured
+        inputs (shapes the checks in ``dida.config.validate`` do not foresee) is a configuration error, in one
+        line; ``--debug`` shows the traceback."""
+        try:
+            return self.run_step(batch)
+        except (RuntimeError, ValueError, IndexError) as e:
+            text = str(e).strip()
+            if "out of memory" in text.lower() or "can't allocate memory" in text:
+                raise
+            first = (text.splitlines() or [""])[0][:300]
+            raise ConfigError(
+                f"the first training step failed with this configuration ({type(e).__name__}: {first}). The "
+                "model cannot run on these inputs: check model.* and data.*.crop_size / img_scale "
+                "(dida train --help-config), or re-run with --debug for the traceback.") from e
 
     def apply_gradients(self, losses: dict[str, torch.Tensor]) -> None:
         """Average gradients over ranks, check them, clip, step the optimizer (or skip a non-finite step).
@@ -504,7 +578,7 @@ class _TrainingRun:
                     t_data = time.perf_counter()
                     batch = self.next_batch(data_iter)
                     data_seconds += time.perf_counter() - t_data
-                    out, lr = self.run_step(batch)
+                    out, lr = self.first_step(batch) if self.state.iteration == first else self.run_step(batch)
                     self.apply_gradients(out.losses)
                     self.state.iteration += 1
                     it = self.state.iteration
@@ -537,18 +611,35 @@ class _TrainingRun:
         t = self.cfg.train
         improved = False
         if t.eval_interval and (it % t.eval_interval == 0 or it == t.max_iters):
-            improved = self.evaluate()
+            try:
+                improved = self.evaluate()
+            except Exception:
+                self._save_after_failure(it, "the evaluation")
+                raise
         if (t.checkpoint_interval and it % t.checkpoint_interval == 0) or it == t.max_iters or (
                 improved and t.keep_best) or self.stop.requested:
             path = self.save()
             if improved and t.keep_best and path is not None:
                 link_checkpoint(path, self.run_dir / "best.pth")
         if self.stop.requested:
-            if self.is_main:
-                print(f"Stopped by {self.stop.requested} after iteration {it}; checkpoint "
-                      f"{self.run_dir / f'iter_{it}.pth'}. Continue with `dida train --resume {self.run_dir}`.",
-                      file=sys.stderr, flush=True)
-            raise KeyboardInterrupt
+            raise self._stopped(it)
+
+    def _stopped(self, it: int) -> RunStopped:
+        """The exception that ends a run stopped by a signal, its checkpoint written."""
+        signame = self.stop.requested or "SIGINT"
+        return RunStopped(f"{signame} after iteration {it}; checkpoint {self.run_dir / f'iter_{it}.pth'}. Continue "
+                          f"with `dida train --resume {self.run_dir}`.", 143 if signame == "SIGTERM" else 130)
+
+    def _save_after_failure(self, it: int, what: str) -> None:
+        """Keep the iterations since the last checkpoint when ``what`` fails (it does not change the state)."""
+        try:
+            path = self.save()
+        except DidaError as e:
+            print(f"{what} failed at iteration {it}, and so did the checkpoint: {e}", file=sys.stderr, flush=True)
+            return
+        if path is not None:
+            print(f"{what} failed at iteration {it}; the checkpoint {path} keeps the training so far (fix the "
+                  f"cause, then `dida train --resume {self.run_dir}`).", file=sys.stderr, flush=True)
 
 
 def _best_eval(path: Path) -> tuple[float, int] | None:

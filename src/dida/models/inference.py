@@ -10,7 +10,33 @@ import torch
 from dida.models.base import BaseSegmentor
 from dida.models.ops import resize
 
-__all__ = ["inference", "slide_boxes", "slide_logits"]
+__all__ = ["inference", "min_input_side", "slide_boxes", "slide_logits"]
+
+
+def min_input_side(model: torch.nn.Module) -> int:
+    """The smallest input side ``model`` can encode: its backbone's coarsest output stride (the backbone protocol's
+    ``strides``; MiT: 32, where its stage-1 attention reduces the stride-4 map by 8), divided by HRDA's context
+    scale; 1 for a model without a backbone that declares strides. Smaller test images are padded up to it."""
+    import math
+
+    scale, stride, m = 1.0, 1, model
+    while isinstance(m, torch.nn.Module):  # an HRDA model, possibly wrapped (branch views, input alignment)
+        scale = min(scale, float(getattr(m, "context_scale", 1.0)))
+        strides = getattr(getattr(m, "backbone", None), "strides", None)
+        if strides:
+            stride = max(stride, *(int(s) for s in strides))
+        m = getattr(m, "model", None)
+    return math.ceil(stride / scale)
+
+
+def _padded_to_minimum(model: BaseSegmentor, img: torch.Tensor) -> torch.Tensor:
+    """``img`` padded at the bottom / right (zeros: the mean colour after normalisation) to the smallest size the
+    model can encode; unchanged (the same tensor) when it is large enough."""
+    side = min_input_side(model)
+    h, w = img.shape[-2:]
+    if h >= side and w >= side:
+        return img
+    return torch.nn.functional.pad(img, (0, max(side - w, 0), 0, max(side - h, 0)))
 
 
 def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -132,14 +158,17 @@ def inference(
     if weight is not None and img.is_floating_point() and img.dtype != weight.dtype:
         img = img.to(weight.dtype)  # a model cast to bf16 for inference (dida.runtime.inference_precision)
     with torch.no_grad():
+        h, w = img.shape[-2:]
+        padded = _padded_to_minimum(model, img)  # an image smaller than the model's coarsest stride
         if mode == "whole":
-            logits = model.logits(img)
+            logits = model.logits(padded)
         elif mode == "slide":
             if crop_size is None or stride is None:
                 raise ValueError("slide inference needs crop_size and stride")
-            logits = slide_logits(model, img, crop_size, stride, batched=batched_slide)
+            logits = slide_logits(model, padded, crop_size, stride, batched=batched_slide)
         else:
             raise ValueError(f"unknown inference mode {mode!r}; use 'whole' or 'slide'")
+        logits = logits[..., :h, :w]
         if out_size is not None:
             logits = resize(logits, out_size)
         return logits.softmax(dim=1)

@@ -198,5 +198,14 @@ def build_model(cfg: ModelCfg, generator: torch.Generator | None = None) -> Base
 
     With ``generator`` every parameter is drawn from it (reproducible without touching the global RNG).
     ``cfg.pretrained`` is not read here: the training engine loads it into the backbone.
+
+    Raises:
+        ConfigError: the configuration describes no buildable model (a constructor refused its sizes).
     """
-    return _entry(SEGMENTORS, cfg.segmentor, "model.segmentor").build(cfg, generator)
+    from dida.errors import ConfigError
+
+    entry = _entry(SEGMENTORS, cfg.segmentor, "model.segmentor")
+    try:
+        return entry.build(cfg, generator)
+    except ValueError as e:
+        raise ConfigError(f"model: {e} (check the model.* keys: dida train --help-config)") from None

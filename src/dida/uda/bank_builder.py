@@ -110,10 +110,14 @@ def _class_means(
         img: ``[1, 3, h, w]`` after the test pipeline, on the model's device.
         label: ``[H, W]`` train ids at the original resolution.
     """
-    # A model that needs aligned input sizes (HRDA: multiples of a context cell) sees the image padded at the
-    # bottom/right with 0 (the mean colour, as mmseg's Pad); the padded pixels are ignored below.
-    multiple = int(getattr(model, "alignment", 1))
-    pad_h, pad_w = (-img.shape[-2]) % multiple, (-img.shape[-1]) % multiple
+    # A model that needs aligned input sizes (HRDA: multiples of a context cell), or an image smaller than the
+    # model can encode, is padded at the bottom/right with 0 (the mean colour, as mmseg's Pad); the padded pixels
+    # are ignored below.
+    from dida.models.inference import min_input_side
+
+    multiple, side = int(getattr(model, "alignment", 1)), min_input_side(model)
+    h, w = max(img.shape[-2], side), max(img.shape[-1], side)
+    pad_h, pad_w = h + (-h) % multiple - img.shape[-2], w + (-w) % multiple - img.shape[-1]
     with autocast(img.device, amp):
         emb = model.predict(torch.nn.functional.pad(img, (0, pad_w, 0, pad_h))).embedding
     # labels at the resized image's resolution (nearest, as mmseg resizes segmentation maps)

@@ -183,6 +183,9 @@ class InstanceBank(nn.Module):
             )
         if f.shape[0] == 0 or (lab < 0).any():
             raise DataError(f"instance bank labels file '{lpath}' is empty or holds negative labels. {_HOW_TO_GET}")
+        if not np.isfinite(f).all():
+            raise DataError(f"instance bank features file '{fpath}' holds NaN or inf values (non-finite). "
+                            + _HOW_TO_GET)
         if num_classes is not None and int(lab.max()) >= num_classes:
             raise DataError(
                 f"instance bank labels file '{lpath}' holds class {int(lab.max())}, but the model has "

@@ -125,7 +125,7 @@ def build_bank(cfg: Config, *, embed_dim: int) -> InstanceBank:
             "reference's f_buffer_s.npz / l_buffer_s.npz (the DIDA repository's embedding_cache/), build one "
             "with `dida bank build CHECKPOINT --data ROOT --out DIR`, or set uda.bank.init=random."
         )
-    bank = InstanceBank.from_npz(b.features_path, b.labels_path)
+    bank = InstanceBank.from_npz(b.features_path, b.labels_path, cfg.model.num_classes)
     if bank.dim != embed_dim:
         raise ConfigError(
             f"{b.features_path}: the bank holds {bank.dim}-dimensional features but the model's embedding "
