@@ -338,6 +338,25 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     return args
 
 
+# Numeric options shared by several commands: their legal range (None: no bound) and why, checked before the
+# command runs (each command checks its own other options).
+_OPTION_RANGES: dict[str, tuple[int | None, int | None, str]] = {
+    "seed": (0, None, "numpy's generators take non-negative seeds"),
+}
+
+
+def _check_option_ranges(args: argparse.Namespace) -> None:
+    from dida.errors import ConfigError
+
+    for name, (low, high, why) in _OPTION_RANGES.items():
+        value = getattr(args, name, None)
+        if value is None or isinstance(value, bool) or not isinstance(value, int):
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            shown = f">= {low}" if high is None else (f"<= {high}" if low is None else f"in [{low}, {high}]")
+            raise ConfigError(f"--{name.replace('_', '-')} must be {shown} ({why}), got {value}.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``dida COMMAND ...``; returns the exit status (see the module docstring)."""
     from dida.errors import DidaError
@@ -352,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = f"dida {args.command}"
     module_name, func_name = args._entry.split(":")
     try:
+        _check_option_ranges(args)
         func = getattr(importlib.import_module(module_name), func_name)
         code = int(func(args) or 0)
         sys.stdout.flush()

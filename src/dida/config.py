@@ -439,6 +439,27 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml") and p.name != "base.yaml")
 
 
+def _refuse_duplicate_keys(node: Any, source: str) -> None:
+    """A key given twice in one mapping: YAML keeps the last silently, so the first value the user reads is
+    not the one used. Refused, naming the key and both lines."""
+    stack = [node] if node is not None else []
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    if key.value in seen:
+                        raise ConfigError(
+                            f"{source}: key '{key.value}' is given twice in one section (lines {seen[key.value]} "
+                            f"and {key.start_mark.line + 1}); YAML would keep only the last. Remove one of them."
+                        )
+                    seen[key.value] = key.start_mark.line + 1
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+
+
 def _read_yaml(text: str, source: str) -> dict[str, Any]:
     try:
         # Aliases can expand without limit ("billion laughs") or refer to themselves: refuse them while
@@ -450,6 +471,7 @@ def _read_yaml(text: str, source: str) -> dict[str, Any]:
                     "can expand without limit. Write the values out, or start from another preset with "
                     "'inherit:'."
                 )
+        _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), source)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML ({e}).") from None

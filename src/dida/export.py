@@ -133,6 +133,35 @@ def method_name(cfg: Any) -> str:
     return f"MIC({name})" if uda.mic.enabled else name
 
 
+_METRIC_KEYS = ("mIoU", "mIoU16", "mIoU13", "aAcc", "mAcc")
+
+
+def _read_metrics(path: Path) -> dict[str, Any] | None:
+    """A ``dida test`` ``metrics.json`` for the model card; None when unreadable. Raises ``ConfigError`` for a
+    file that is JSON but not such a file (a list, no ``mIoU``, fractions outside [0, 1], NaN), which would
+    otherwise print a wrong table (5730.00 for a percentage, nan) on the card."""
+    data = _read_json(path)
+    if data is None:
+        return None
+    fix = "give the metrics.json written by dida test (fractions in [0, 1]), or leave --metrics out"
+    if not isinstance(data, dict) or "mIoU" not in data:
+        raise ConfigError(f"{path}: not a dida test metrics.json (no 'mIoU' at the top level); {fix}.")
+    values = [(k, data.get(k)) for k in _METRIC_KEYS if k in data]
+    per_class = data.get("per_class") or {}
+    if not isinstance(per_class, dict) or not isinstance(data.get("dataset") or {}, dict):
+        raise ConfigError(f"{path}: 'per_class' and 'dataset' must be mappings; {fix}.")
+    for name, entry in per_class.items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: per_class.{name} must be a mapping of IoU / Acc; {fix}.")
+        values += [(f"per_class.{name}.{k}", v) for k, v in entry.items()]
+    for key, value in values:
+        ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                                 and 0.0 <= value <= 1.0)
+        if not ok:
+            raise ConfigError(f"{path}: {key} is {value!r}, not a fraction in [0, 1]; {fix}.")
+    return data
+
+
 def _pct(x: Any) -> str:
     return "-" if not isinstance(x, (int, float)) else f"{100 * x:.2f}"
 
@@ -283,7 +312,7 @@ def export_folder(source: str | os.PathLike[str], dest: str | os.PathLike[str], 
     states = _model_states(cfg, ckpt, str(ckpt_path))
     iteration = ckpt.get("iteration") if ckpt.get("format") == "dida" else (ckpt.get("meta") or {}).get("iter")
     metrics_path = Path(metrics) if metrics else (run_dir / "test" / "metrics.json" if run_dir else None)
-    test = _read_json(metrics_path) if metrics_path is not None and metrics_path.is_file() else None
+    test = _read_metrics(metrics_path) if metrics_path is not None and metrics_path.is_file() else None
     if metrics and test is None:
         raise ConfigError(f"{metrics}: not a readable metrics.json (written by dida test).")
 

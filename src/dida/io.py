@@ -179,7 +179,12 @@ def claim_output(
         if _same_file(path, Path(src)):
             raise DidaError(f"{path}: {option} is the input {src}; writing it would destroy the input. Choose "
                             "another output path.")
-    for parent in [path, *path.parents] if kind == "dir" else path.parents:
+    for parent in [path, *path.parents]:
+        if parent.is_symlink() and not parent.exists():
+            raise DidaError(f"{parent}: is a symbolic link to a missing target (or a loop of links), so {option} "
+                            "cannot be written there. Fix or remove the link, or choose another path.")
+        if parent is path and kind == "file":
+            continue
         if parent.exists() and not parent.is_dir():
             raise DidaError(f"{parent}: is a file, but {option} needs a folder here. Remove it or choose another "
                             "path.")

@@ -1,0 +1,115 @@
+"""Round 3 (issue 15): an independent adversarial pass through the command line found these; each test failed
+before its fix. Seeds below 0 (a `bug:` line), `dida export --metrics` files that are not a `dida test`
+metrics.json (a `bug:` line, or a model card showing 5730.00 / nan), YAML keys given twice (the first value
+silently ignored), an output path that is a dangling or looping symbolic link (found only after the work, with a
+misleading "File exists"; a dangling link given as a file output was replaced without --force).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from rel_helpers import data_overrides
+
+from dida.cli import main
+from dida.config import load_config
+from dida.errors import ConfigError, DidaError
+from dida.io import claim_output
+
+
+def one_error(capsys, *expected: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1 and "Traceback" not in err and ": bug: " not in err, err
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv", [
+    ["synth", "{tmp}/s", "--size", "64", "32", "--seed", "-1", "--nproc", "1"],
+    ["bank", "build", "{run}/latest.pth", "--out", "{tmp}/b", "--seed", "-3", "--size", "2", "--max-images", "1",
+     "--device", "cpu"],
+    ["demo", "--out", "{tmp}/d", "--seed", "-1", "--quick"],
+])
+def test_negative_seeds_are_one_line_before_any_work(argv, tiny_run, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path, run=tiny_run) for a in argv]
+    assert main(argv) == 2
+    one_error(capsys, "--seed must be >= 0", "got -")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _metrics_files(tmp_path: Path) -> dict[str, object]:
+    good = {"aAcc": 0.5, "mIoU": 0.25, "mAcc": 0.3, "per_class": {"road": {"IoU": 0.5, "Acc": None}}}
+    return {
+        "a_list": [1, 2],
+        "no_miou": {"not": "metrics"},
+        "miou_text": {"mIoU": "high"},
+        "miou_percent": {**good, "mIoU": 57.3},
+        "miou_negative": {**good, "mIoU": -0.1},
+        "miou_bool": {**good, "mIoU": True},
+        "aacc_nan": {**good, "aAcc": float("nan")},
+        "per_class_percent": {**good, "per_class": {"road": {"IoU": 50.0}}},
+        "per_class_a_list": {**good, "per_class": [0.1]},
+        "per_class_entry_text": {**good, "per_class": {"road": "good"}},
+        "dataset_text": {**good, "dataset": "cityscapes"},
+    }
+
+
+def test_export_refuses_metrics_that_are_not_a_dida_test_file(tiny_run, tmp_path, capsys):
+    for name, data in _metrics_files(tmp_path).items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(data))
+        assert main(["export", str(tiny_run), "--to", str(tmp_path / "exp"), "--metrics", str(path)]) == 2, name
+        one_error(capsys, str(path))
+        assert not (tmp_path / "exp").exists(), name
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"aAcc": 0.5, "mIoU": 0.25, "mAcc": None,
+                                "per_class": {"road": {"IoU": 0.5, "Acc": None}}}))
+    assert main(["export", str(tiny_run), "--to", str(tmp_path / "exp"), "--metrics", str(good)]) == 0
+    card = (tmp_path / "exp" / "README.md").read_text()
+    assert "| 25.00 |" in card and "| 50.00 |" in card
+
+
+def test_metrics_written_by_dida_test_are_accepted_by_export(tiny_run, tmp_path, capsys):
+    assert main(["test", str(tiny_run), "--out", str(tmp_path / "t"), "--limit", "1", "--device", "cpu"]) == 0
+    assert main(["export", str(tiny_run), "--to", str(tmp_path / "exp"),
+                 "--metrics", str(tmp_path / "t" / "metrics.json")]) == 0
+    assert "| mIoU |" in (tmp_path / "exp" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("text, key", [
+    ("optim:\n  lr: 1.0e-3\n  lr: 2.0e-3\n", "'lr'"),
+    ("optim:\n  lr: 1.0e-3\noptim:\n  lr: 2.0e-3\n", "'optim'"),
+    ("inherit: tiny_cpu\ninherit: synth_dida\n", "'inherit'"),
+    ("data:\n  source:\n    crop_size: [64, 64]\n    crop_size: [32, 32]\n", "'crop_size'"),
+])
+def test_yaml_keys_given_twice_are_refused_naming_the_key_and_lines(text, key, tmp_path, rel_data):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"dup.yaml: key {key} is given twice .*lines \d+ and \d+"):
+        load_config(str(path), data_overrides(rel_data))
+
+
+def test_claim_output_refuses_a_dangling_or_looping_link_even_with_force(tmp_path):
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    (tmp_path / "dangling.pth").symlink_to(tmp_path / "missing" / "x.pth")
+    cases = [(tmp_path / "loop1", "dir"), (tmp_path / "loop1" / "sub", "dir"), (tmp_path / "loop1", "file"),
+             (tmp_path / "dangling.pth", "file"), (tmp_path / "dangling.pth" / "sub", "dir")]
+    for path, kind in cases:
+        for force in (False, True):
+            with pytest.raises(DidaError, match="symbolic link to a missing target"):
+                claim_output(path, kind=kind, force=force, option="--out")
+    assert os.readlink(tmp_path / "dangling.pth") == str(tmp_path / "missing" / "x.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.pth", "loop1", "loop2"]
+
+
+def test_a_command_writing_into_a_looping_link_fails_before_any_work(tiny_run, tmp_path, capsys):
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    assert main(["test", str(tiny_run), "--out", str(tmp_path / "loop1"), "--limit", "1", "--device", "cpu"]) == 2
+    one_error(capsys, "loop1", "symbolic link")
