@@ -546,15 +546,34 @@ def _merge_layer(cfg: Any, data: dict[str, Any], source: str) -> Any:
     try:
         return OmegaConf.merge(cfg, OmegaConf.create(data))
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{source}: {_omegaconf_message(e)}") from None
+        raise ConfigError(f"{source}: {_omegaconf_message(e, _section_given_a_value(cfg, data))}") from None
 
 
-def _omegaconf_message(e: OmegaConfBaseException) -> str:
-    key = getattr(e, "full_key", None)
+def _omegaconf_message(e: OmegaConfBaseException, key: str | None = None) -> str:
+    """One line for OmegaConf's error, with what to do: an unknown key, a missing value, a single value given
+    to a section, a value of the wrong type. ``key``: the key at fault when OmegaConf does not say."""
+    key = getattr(e, "full_key", None) or key
     msg = str(e).splitlines()[0]
     if "not in struct" in msg or "Key '" in msg and "not" in msg:
         return f"unknown key '{key}'. Check the spelling against `dida train --help-config`."
-    return f"bad value for '{key}': {msg}" if key else msg
+    what = f"'{key}'" if key else "a key"
+    if "is not a subclass of" in msg:
+        return (f"{what} is a section, not a single value ({msg}); set its keys instead (e.g. {key or 'optim'}.KEY="
+                "VALUE; every key: `dida train --help-config`).")
+    if "is not Optional" in msg or "Incompatible value 'None'" in msg:
+        return (f"{what} needs a value (it was empty or null, which it does not accept); give one, or leave the "
+                "key out for its default (`dida train --help-config`).")
+    hint = " (its type and allowed values: `dida train --help-config`)"
+    return f"bad value for {what}: {msg}{hint}" if key else msg + hint
+
+
+def _section_given_a_value(cfg: Any, data: dict[str, Any]) -> str | None:
+    """The first top-level key of ``data`` that is a section of ``cfg`` but was given a single value."""
+    for name, value in data.items():
+        if isinstance(name, str) and not isinstance(value, dict) and name in cfg and \
+                OmegaConf.is_dict(cfg[name]):
+            return name
+    return None
 
 
 def _layers_for(text: str, source: str, seen: tuple[str, ...] = ()) -> list[tuple[dict[str, Any], str]]:
@@ -601,7 +620,7 @@ def _apply_override(cfg: Any, item: str) -> Any:
     try:
         return OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
     except OmegaConfBaseException as e:
-        raise ConfigError(f"override '{item}': {_omegaconf_message(e)}") from None
+        raise ConfigError(f"override '{item}': {_omegaconf_message(e, key.strip())}") from None
     except Exception as e:  # dotlist parse errors
         raise ConfigError(f"override '{item}' for '{key}' could not be parsed: {e}") from None
 

@@ -113,3 +113,52 @@ def test_a_command_writing_into_a_looping_link_fails_before_any_work(tiny_run, t
     (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
     assert main(["test", str(tiny_run), "--out", str(tmp_path / "loop1"), "--limit", "1", "--device", "cpu"]) == 2
     one_error(capsys, "loop1", "symbolic link")
+
+
+def test_zeroed_files_and_tar_archives_are_truncated_or_not_a_checkpoint(tiny_run, tmp_path, capsys):
+    """torch takes a file of zeros (a zeroed block, as a failed copy leaves) for its legacy .tar format; its
+    message suggested weights_only=False. Now the usual line (and --allow-pickle for a trusted legacy file)."""
+    import tarfile
+
+    (tmp_path / "zeros.pth").write_bytes(bytes(8192))
+    (tmp_path / "member.txt").write_text("x")
+    with tarfile.open(tmp_path / "archive.pth", "w") as tar:
+        tar.add(tmp_path / "member.txt", "member.txt")
+    img = tmp_path / "img.png"
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.zeros((64, 128, 3), np.uint8)).save(img)
+    for name in ("zeros.pth", "archive.pth"):
+        path = str(tmp_path / name)
+        assert main(["weights", "verify", path]) == 2
+        one_error(capsys, path, "truncated or not a checkpoint")
+        assert main(["infer", path, str(img), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+        line = one_error(capsys, path, "truncated or not a checkpoint")
+        assert "weights_only" not in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim=5", "'optim' is a section, not a single value"),
+    ("uda=[1,2]", "'uda' is a section, not a single value"),
+    ("optim.lr=", "'optim.lr' needs a value"),
+    ("data.source.root=", "'data.source.root' needs a value"),
+    ("model=null", "'model' needs a value"),
+    ("data.batch_size=true", "--help-config"),
+])
+def test_override_type_errors_say_what_to_do(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny_cpu", [override])
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("inherit: tiny_cpu\noptim: 5\n", "'optim' is a section, not a single value"),
+    ("inherit: tiny_cpu\noptim:\n", "'optim' needs a value"),
+])
+def test_yaml_sections_given_a_value_name_the_section(text, expected, tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected):
+        load_config(str(path))

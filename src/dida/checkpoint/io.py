@@ -106,6 +106,12 @@ def read_checkpoint(path: str | os.PathLike[str], allow_pickle: bool = False) ->
                 f"{text.split('. ')[0][:120]}). "
                 "Download or copy it again."
             ) from None
+        if "legacy .tar format" in text:  # also what torch takes a file of zero bytes (a zeroed block) for
+            raise CheckpointError(
+                f"{path}: truncated or not a checkpoint (a tar archive, or zeroed data; torch's legacy .tar "
+                "format cannot be loaded safely). Download or copy it again; a trusted legacy torch file needs "
+                "--allow-pickle."
+            ) from None
         raise CheckpointError(f"{path}: cannot load the checkpoint: {text[:300]}") from None
     except OSError as e:
         if e.errno in _READ_ERRNOS:  # cannot be read (permissions, I/O error): the command line reports it
