@@ -162,3 +162,20 @@ def test_yaml_sections_given_a_value_name_the_section(text, expected, tmp_path):
     path.write_text(text)
     with pytest.raises(ConfigError, match=expected):
         load_config(str(path))
+
+
+def test_resume_with_max_iters_below_the_reached_iteration_keeps_config_yaml(rel_data, tmp_path, capsys):
+    """It printed 'already finished its 1 iterations' (exit 0) and rewrote config.yaml with max_iters 1, below the
+    checkpoints' iteration 2; the plain --resume then did nothing."""
+    from rel_helpers import tiny_cfg
+
+    from dida.engine.train import train
+
+    run = train(tiny_cfg(rel_data, tmp_path / "run", "train.max_iters=2"))
+    config = (run / "config.yaml").read_text()
+    assert main(["train", "--resume", str(run), "train.max_iters=1"]) == 2
+    one_error(capsys, "train.max_iters=1 is below the iteration", "(2)", "config.yaml is left as it was")
+    assert (run / "config.yaml").read_text() == config
+    assert main(["train", "--resume", str(run), "train.max_iters=2"]) == 0  # equal: finished, nothing to do
+    assert (run / "config.yaml").read_text() == config
+    assert main(["train", "--resume", str(run), "train.max_iters=3"]) == 0

@@ -273,6 +273,7 @@ def train(
             run = _TrainingRun(cfg, device, run_dir, rank, dist_utils.world_size())
             try:
                 run.prepare(resuming=resume is not None)
+                _check_max_iters(run.state.iteration, cfg.train.max_iters, run_dir)
             except BaseException:
                 if created and rank == 0:  # nothing of the run's exists yet: leave no empty folder behind
                     shutil.rmtree(run_dir, ignore_errors=True)
@@ -286,6 +287,17 @@ def train(
             return run_dir
         finally:
             dist_utils.cleanup()
+
+
+def _check_max_iters(iteration: int, max_iters: int, run_dir: Path) -> None:
+    """A resumed run whose ``train.max_iters`` is below the iteration it reached: refused before ``config.yaml``
+    is rewritten (it would record a length the checkpoints are already past, and do nothing)."""
+    if iteration > max_iters:
+        raise ConfigError(
+            f"train.max_iters={max_iters} is below the iteration {run_dir} already reached ({iteration}); "
+            f"nothing to do, and {run_dir / 'config.yaml'} is left as it was. Give train.max_iters > {iteration} "
+            "to continue the run."
+        )
 
 
 def _check_run_dir(run_dir: Path, cfg: Config, *, resuming: bool, force: bool) -> None:
