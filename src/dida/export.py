@@ -29,7 +29,7 @@ import torch
 
 from dida.errors import CheckpointError, ConfigError
 from dida.hub import EXPORT_CONFIG, EXPORT_META, EXPORT_WEIGHTS, HubError, file_sha256
-from dida.io import claim_output, make_temp_dir
+from dida.io import atomic_path, claim_output, make_temp_dir
 
 __all__ = ["EXPORT_FORMAT_VERSION", "MODEL_CARD", "export_folder", "method_name", "model_card", "upload_folder"]
 
@@ -241,7 +241,8 @@ def model_card(*, cfg: Any, meta: Mapping[str, Any], ref: str, test: Mapping[str
 def _write_weights(path: Path, state: StateDict, which: str, iteration: Any) -> dict[str, Any]:
     from safetensors.torch import save_file
 
-    save_file(state, str(path), metadata={"format": "pt", "dida_model": which, "iteration": str(iteration)})
+    with atomic_path(path) as tmp:  # the mode open() gives (safetensors writes 0o600 files)
+        save_file(state, str(tmp), metadata={"format": "pt", "dida_model": which, "iteration": str(iteration)})
     return {"which": which, "sha256": file_sha256(path), "bytes": path.stat().st_size, "tensors": len(state)}
 
 

@@ -62,9 +62,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         if path.is_dir():
             raise IsADirectoryError(21, "Is a directory", str(path))
         path.parent.mkdir(parents=True, exist_ok=True)
+        mode = path.stat().st_mode & 0o7777 if path.exists() else default_mode()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
         try:
-            os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else default_mode())
+            os.fchmod(fd, mode)
         finally:
             os.close(fd)
     except OSError as e:
@@ -72,6 +73,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, mode)  # again: a writer may have replaced the file with one of its own mode (safetensors)
         os.replace(tmp_path, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):

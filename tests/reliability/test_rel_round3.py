@@ -179,3 +179,17 @@ def test_resume_with_max_iters_below_the_reached_iteration_keeps_config_yaml(rel
     assert main(["train", "--resume", str(run), "train.max_iters=2"]) == 0  # equal: finished, nothing to do
     assert (run / "config.yaml").read_text() == config
     assert main(["train", "--resume", str(run), "train.max_iters=3"]) == 0
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_weights_get_the_mode_of_open_not_0600(tiny_run, tmp_path, umask):
+    """safetensors wrote model.safetensors / ema_model.safetensors with 0o600 whatever the umask (a shared
+    export folder was unreadable to the group); the rest of the folder had the umask's modes."""
+    old = os.umask(umask)
+    try:
+        assert main(["export", str(tiny_run), "--to", str(tmp_path / "exp")]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "exp").iterdir()}
+    assert "model.safetensors" in modes
+    assert set(modes.values()) == {0o666 & ~umask}, modes
