@@ -2,7 +2,10 @@
 before its fix. Seeds below 0 (a `bug:` line), `dida export --metrics` files that are not a `dida test`
 metrics.json (a `bug:` line, or a model card showing 5730.00 / nan), YAML keys given twice (the first value
 silently ignored), an output path that is a dangling or looping symbolic link (found only after the work, with a
-misleading "File exists"; a dangling link given as a file output was replaced without --force).
+misleading "File exists"; a dangling link given as a file output was replaced without --force), a zeroed file or
+tar archive as a checkpoint (torch's advice to set weights_only=False), configuration type errors without the
+fix, `--resume` with `train.max_iters` below the reached iteration (config.yaml rewritten, exit 0), exported
+safetensors written 0o600. docs/reliability.md has the counts.
 """
 
 from __future__ import annotations
