@@ -5,7 +5,7 @@ silently ignored), an output path that is a dangling or looping symbolic link (f
 misleading "File exists"; a dangling link given as a file output was replaced without --force), a zeroed file or
 tar archive as a checkpoint (torch's advice to set weights_only=False), configuration type errors without the
 fix, `--resume` with `train.max_iters` below the reached iteration (config.yaml rewritten, exit 0), exported
-safetensors written 0o600. docs/reliability.md has the counts.
+safetensors written 0o600, `weights verify --name` passing a resized variant. docs/reliability.md has the counts.
 """
 
 from __future__ import annotations
@@ -196,3 +196,21 @@ def test_exported_weights_get_the_mode_of_open_not_0600(tiny_run, tmp_path, umas
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "exp").iterdir()}
     assert "model.safetensors" in modes
     assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_weights_verify_name_refuses_a_resized_variant(tiny_run, tmp_path, capsys):
+    """A model called mit_b0 whose embed_dims / depths were overridden passed `verify --name mit_b0` ("OK: ... is
+    the SegFormer MiT-B0 encoder") since only the backbone's name was compared."""
+    import torch
+
+    from dida.checkpoint import save_checkpoint
+    from dida.config import to_yaml
+    from dida.models import build_model
+
+    assert main(["weights", "verify", str(tiny_run / "latest.pth"), "--name", "mit_b0"]) == 2
+    one_error(capsys, "not the SegFormer MiT-B0", "embed_dims [8, 16, 32, 64]")
+    cfg = load_config("tiny_cpu", ["model.decoder_channels=16"])
+    model = build_model(cfg.model, generator=torch.Generator().manual_seed(0))
+    save_checkpoint(tmp_path / "b0.pth", {"model": model.state_dict(), "ema_model": None, "iteration": 1,
+                                          "config": to_yaml(cfg), "meta": {}})
+    assert main(["weights", "verify", str(tmp_path / "b0.pth"), "--name", "mit_b0"]) == 0

@@ -106,10 +106,24 @@ def _load_strictly(ckpt: Mapping[str, Any], info: dict[str, Any], source: str) -
     return names
 
 
+def _effective_backbone(cfg: Any) -> Any:
+    """The backbone's name, or what it was changed into: a MiT named ``mit_b0`` whose ``model.embed_dims`` /
+    ``depths`` / ``num_heads`` override the variant's is not that variant (a zoo check must not pass it)."""
+    from dida.models.mit import MIT_VARIANTS
+
+    name = getattr(cfg, "backbone", None)
+    variant = MIT_VARIANTS.get(name) if isinstance(name, str) else None
+    if variant is None:
+        return name
+    changed = [f"{key} {list(getattr(cfg, key))}" for key in ("embed_dims", "depths", "num_heads")
+               if getattr(cfg, key, None) and list(getattr(cfg, key)) != list(getattr(variant, key))]
+    return f"{name} with {', '.join(changed)}" if changed else name
+
+
 def _check_expect(entry: ZooEntry, info: dict[str, Any], source: str) -> None:
     cfg = info["model_cfg"]
     found = {"format": info["format"], "segmentor": getattr(cfg, "segmentor", None),
-             "backbone": getattr(cfg, "backbone", None), "num_classes": getattr(cfg, "num_classes", None)}
+             "backbone": _effective_backbone(cfg), "num_classes": getattr(cfg, "num_classes", None)}
     wrong = [f"{k} {found[k]} (expected {v})" for k, v in entry.expect.items() if found[k] != v]
     if wrong:
         raise CheckpointError(f"{source}: not the {entry.title} ({entry.name}): it holds {', '.join(wrong)}.")
