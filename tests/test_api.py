@@ -53,6 +53,7 @@ def test_the_teacher_and_a_weights_only_checkpoint(run_dir, tmp_path, fake_data)
     torch.save({"state_dict": ckpt["model"]}, tmp_path / "weights.pth")  # no configuration inside
     bare = dida.load_model(tmp_path / "weights.pth", device="cpu")
     assert "assumed" in bare.settings and "data.val.img_scale" in bare.settings
+    assert "attention heads" in bare.settings and "model.num_heads" in bare.settings  # not in any weight shape
     assert bare.img_scale == (1024, 512)  # the matching preset's test scale, said to be assumed
     for (name, a), b in zip(teacher.model.state_dict().items(), bare.model.state_dict().values()):
         assert a.shape == b.shape, name

@@ -61,7 +61,22 @@ def _assumed(cfg: Config) -> list[str]:
     items = [f"test scale {v.img_scale[0]}x{v.img_scale[1]} (data.val.img_scale)", f"{e.mode} inference (eval.mode)"]
     if e.mode == "slide":
         items.append(f"windows {e.crop_size[0]}x{e.crop_size[1]}, stride {e.stride[0]}x{e.stride[1]} (eval.*)")
-    return items
+    return items + _assumed_heads(cfg.model)
+
+
+def _assumed_heads(m: Any) -> list[str]:
+    """Attention head counts: no weight shape stores them, so they come from the named variant."""
+    if m.backbone.startswith("mit_"):
+        from dida.models.mit import MIT_VARIANTS
+
+        heads = list(m.num_heads) if m.num_heads is not None else list(MIT_VARIANTS[m.backbone].num_heads)
+        return [f"attention heads {heads} of {m.backbone} (model.num_heads; the weights do not store them)"]
+    from dida.models.foundation import VIT_VARIANTS, resolve_variant
+
+    if m.backbone in VIT_VARIANTS:
+        heads = resolve_variant(m).num_heads
+        return [f"{heads} attention heads of {m.backbone} (model.vit.num_heads; the weights do not store them)"]
+    return []
 
 
 def config_for_checkpoint(ckpt: Mapping[str, Any], *, where: str, config: str | None = None,
