@@ -162,8 +162,8 @@ def test_a_backbone_defined_here_trains_evaluates_and_reloads(data_root, tmp_pat
     out = model.predict(img)
     assert out.logits.shape == (1, 19, 16, 24) and out.embedding.shape[1] == cfg.model.decoder_channels
 
-    from dida.engine.evaluate import evaluate
     from dida.data import build_uda_datasets
+    from dida.engine.evaluate import evaluate
 
     _, val = build_uda_datasets(cfg.data, seed=0)
     metrics = evaluate(model, val, device="cpu", progress=False)

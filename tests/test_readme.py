@@ -26,7 +26,7 @@ def test_the_python_section_runs_as_written(tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--quick", "--out", "work_dirs/demo"]) == 0
-    code = re.findall(r"```python\n(.*?)```", _section("Python"), flags=re.S)
+    code = re.findall(r"```python\n(.*?)```", _section("Python"), flags=re.DOTALL)
     assert len(code) == 1
     script = tmp_path / "readme_python.py"
     script.write_text(code[0])
@@ -42,7 +42,7 @@ def test_the_tour_names_only_existing_commands_and_options():
     from dida.cli import build_parser
 
     parser = build_parser()
-    tour = re.findall(r"```bash\n(.*?)```", _section("A short tour"), flags=re.S)[0]
+    tour = re.findall(r"```bash\n(.*?)```", _section("A short tour"), flags=re.DOTALL)[0]
     for line in tour.splitlines():
         line = line.split("#", 1)[0].strip()
         if not line.startswith("dida "):

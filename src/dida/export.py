@@ -368,7 +368,7 @@ def upload_folder(folder: str | os.PathLike[str], repo_id: str, *, private: bool
                                  commit_message=message or f"dida export ({Path(folder).name})")
     except HubError:
         raise
-    except Exception as e:  # noqa: BLE001 (huggingface_hub / HTTP errors vary by version: one line for all)
+    except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:160]
         raise HubError(
             f"{repo_id}: the upload failed ({type(e).__name__}: {first}). Log in with a write token "

@@ -199,7 +199,7 @@ def _offline() -> bool:
 
 def _import_hub() -> None:
     try:
-        import huggingface_hub  # noqa: F401
+        import huggingface_hub
     except ImportError:
         raise HubError(
             "hf:// references need the huggingface_hub package: pip install huggingface_hub "

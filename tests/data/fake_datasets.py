@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dida.data.fake import (  # noqa: F401
+from dida.data.fake import (
     block_label_map,
     cityscapes_polygons,
     write_cityscapes_sample,

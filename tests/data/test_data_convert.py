@@ -9,12 +9,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
-
-from dida.cli import main as cli_main
-from dida.constants import CITYSCAPES_ID_TO_TRAINID, SYNTHIA_ID_TO_TRAINID
-from dida.data.convert import STATS_FILES, convert_dataset
-from dida.errors import DataError
 from fake_datasets import (
     cityscapes_polygons,
     truncate_file,
@@ -25,6 +19,12 @@ from fake_datasets import (
     write_gta_label,
     write_synthia_label,
 )
+from PIL import Image
+
+from dida.cli import main as cli_main
+from dida.constants import CITYSCAPES_ID_TO_TRAINID, SYNTHIA_ID_TO_TRAINID
+from dida.data.convert import STATS_FILES, convert_dataset
+from dida.errors import DataError
 
 
 def read_png(path) -> np.ndarray:

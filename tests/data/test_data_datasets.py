@@ -8,12 +8,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from fake_datasets import truncate_file, write_fake_gta
 from PIL import Image
 
 from dida.config import DatasetCfg
 from dida.data import CityscapesDataset, FolderDataset, GTADataset, SynthiaDataset, build_dataset
 from dida.errors import DataError
-from fake_datasets import truncate_file, write_fake_gta
 
 
 def check_dataset(ds, n, size):

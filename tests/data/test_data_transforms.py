@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from fake_datasets import truncate_file
 from PIL import Image
 
 from dida.constants import IMG_MEAN, IMG_STD
@@ -21,7 +22,6 @@ from dida.data.transforms import (
     resize_keep_ratio,
 )
 from dida.errors import DataError
-from fake_datasets import truncate_file
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fake_datasets import truncate_file
 
 from dida.config import DataCfg, DatasetCfg, RareClassSamplingCfg
 from dida.data import CityscapesDataset, GTADataset, build_uda_datasets
@@ -16,7 +17,6 @@ from dida.data.rcs import RareClassSampler
 from dida.data.transforms import TrainPipeline
 from dida.data.uda import SourceTargetDataset, ValDataset, collate_uda
 from dida.errors import DataError
-from fake_datasets import truncate_file
 
 CROP = (32, 48)
 

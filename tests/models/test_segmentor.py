@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dida.config import ModelCfg
-from dida.models import Segmentor, SegmentorOutput, build_segmentor, build_model, inference
+from dida.models import Segmentor, SegmentorOutput, build_model, build_segmentor, inference
 from dida.models.inference import slide_logits
 
 

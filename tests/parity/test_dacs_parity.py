@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from dida.constants import IMG_MEAN, IMG_STD, THING_CLASSES
+from dida.models.losses import seg_ce
 from dida.uda import augment as A
 from dida.uda.ema import EMATeacher
 from dida.uda.feature_distance import downscale_label_ratio, thing_mask
-from dida.models.losses import seg_ce
 from dida.uda.mixing import class_mix_masks
 from dida.uda.pseudo_label import pseudo_weight
 

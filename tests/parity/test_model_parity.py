@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from dida.checkpoint import load_checkpoint
-from dida.models.mit_weights import hf_to_mit_state_dict, mit_to_hf_state_dict
 from dida.models import build_mit, build_segmentor
+from dida.models.mit_weights import hf_to_mit_state_dict, mit_to_hf_state_dict
 
 pytestmark = pytest.mark.parity
 

@@ -16,9 +16,8 @@ import pytest
 import torch
 from rel_helpers import read_jsonl, tiny_cfg
 
-from dida.checkpoint import read_checkpoint
+from dida.checkpoint import list_checkpoints, read_checkpoint, write_checkpoint
 from dida.cli import main
-from dida.checkpoint import list_checkpoints, write_checkpoint
 from dida.engine.train import train
 from dida.errors import CheckpointError
 

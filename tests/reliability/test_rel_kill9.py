@@ -18,8 +18,7 @@ import pytest
 import torch
 from rel_helpers import cli, data_overrides, read_jsonl
 
-from dida.checkpoint import read_checkpoint
-from dida.checkpoint import list_checkpoints
+from dida.checkpoint import list_checkpoints, read_checkpoint
 
 MAX_ITERS = 16
 

@@ -17,6 +17,7 @@ from dida.uda.dual_level import (
     scatter_semantic,
     semantic_term,
 )
+from dida.uda.instance_bank import InstanceBank
 from dida.uda.interpolation import (
     RowChunkUpsampler,
     bilinear_matrices,
@@ -24,7 +25,6 @@ from dida.uda.interpolation import (
     downsample_adjoint,
     resize_adjoint,
 )
-from dida.uda.instance_bank import InstanceBank
 
 
 @pytest.mark.parametrize("size_in, size_out", [((8, 8), (32, 32)), ((7, 5), (19, 23)), ((6, 9), (6, 9)), ((5, 4), (3, 2))])
@@ -113,7 +113,7 @@ def _inputs(seed=0, b=2, d=8, k=12, c=5, h=8, w=8):
 
 def _reference(bank, e_w, e_s, z, out_size, weight, cal):
     """The reference way, written independently: upsample everything, then the formulas of spec 6.6/6.7."""
-    up = lambda x: F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)  # noqa: E731
+    up = lambda x: F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
     s = torch.einsum("bdhw,kd->bkhw", up(e_w), bank.features)
     if cal:
         g = up(z).gather(1, bank.labels.view(1, -1, 1, 1).expand(z.shape[0], -1, *out_size))

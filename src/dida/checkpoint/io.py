@@ -121,7 +121,7 @@ def read_checkpoint(path: str | os.PathLike[str], allow_pickle: bool = False) ->
             f"{path}: truncated or not a checkpoint ({type(e).__name__}: {str(e)[:120]}). "
             "Download or copy it again."
         ) from None
-    except Exception as e:  # noqa: BLE001 (a damaged file makes the unpickler fail in any way: one message)
+    except Exception as e:
         name = None if allow_pickle else _unsafe_global(path)
         if name is not None:
             raise CheckpointError(
@@ -184,7 +184,7 @@ def _unsafe_global(path: Path) -> str | None:
                         return name
                 else:
                     break
-            except Exception:  # noqa: BLE001 (damaged bytes: stop reading, nothing unsafe was found)
+            except Exception:
                 break
     return None
 

@@ -22,7 +22,7 @@ def _where(entry: ZooEntry) -> str:
         return "by hand (Google Drive)" if "drive.google" in entry.url else "by hand"
     try:
         cached = cached_path(entry.hub) is not None
-    except Exception:  # noqa: BLE001 (huggingface_hub missing or an unreadable cache: just not shown as cached)
+    except Exception:
         cached = False
     return f"{entry.hub}{' [cached]' if cached else ''}"
 

@@ -31,10 +31,26 @@ if TYPE_CHECKING:
 Dataset = Union[CityscapesDataset, GTADataset, SynthiaDataset, FolderDataset]
 
 __all__ = [
-    "CityscapesDataset", "FolderDataset", "GTADataset", "SynthiaDataset", "RareClassSampler",
-    "SourceTargetDataset", "ValDataset", "collate_uda", "TrainPipeline", "TestPipeline", "PseudoMarginMask",
-    "load_image", "load_label", "preprocess_test_image", "build_dataset", "build_train_pipeline",
-    "build_pseudo_margin_mask", "build_uda_datasets", "dataset_root", "DATASET_KINDS",
+    "DATASET_KINDS",
+    "CityscapesDataset",
+    "FolderDataset",
+    "GTADataset",
+    "PseudoMarginMask",
+    "RareClassSampler",
+    "SourceTargetDataset",
+    "SynthiaDataset",
+    "TestPipeline",
+    "TrainPipeline",
+    "ValDataset",
+    "build_dataset",
+    "build_pseudo_margin_mask",
+    "build_train_pipeline",
+    "build_uda_datasets",
+    "collate_uda",
+    "dataset_root",
+    "load_image",
+    "load_label",
+    "preprocess_test_image",
 ]
 
 def dataset_root(cfg: DatasetCfg) -> Path:

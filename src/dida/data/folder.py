@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from dida.constants import NUM_CLASSES
-from dida.errors import DataError
 from dida.data.transforms import check_train_ids, data_error, load_image, load_label
+from dida.errors import DataError
 
 
 class FolderDataset:

@@ -169,7 +169,7 @@ class Obj:
 
 
 def _poly(label_id: int, pts: Sequence[tuple[float, float]]) -> Obj:
-    return Obj(label_id, [[int(round(x)), int(round(y))] for x, y in pts])  # noqa: RUF046 (numpy floats)
+    return Obj(label_id, [[int(round(x)), int(round(y))] for x, y in pts])
 
 
 def _ellipse(cx: float, cy: float, rx: float, ry: float, n: int = 12, rng: np.random.Generator | None = None,

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 from dida.constants import NUM_CLASSES
-from dida.errors import DataError
 from dida.data.folder import FolderDataset
+from dida.errors import DataError
 
 
 class SynthiaDataset(FolderDataset):

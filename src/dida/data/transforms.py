@@ -59,7 +59,7 @@ def check_image_size(source: str | os.PathLike[str] | bytes | np.ndarray, path: 
         found = re.search(r"\((\d+) pixels\)", str(e))
         pixels = int(found.group(1)) if found else MAX_IMAGE_PIXELS + 1
         shown = f"{pixels} pixels"
-    except Exception:  # noqa: BLE001 (not identifiable by PIL: the decoder decides)
+    except Exception:
         return
     if pixels > MAX_IMAGE_PIXELS:
         raise data_error(path, f"the image declares {shown}, more than dida decodes ({MAX_IMAGE_PIXELS} pixels, "

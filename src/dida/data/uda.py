@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from dida.constants import IGNORE_INDEX
-from dida.errors import DataError
 from dida.data.rcs import RareClassSampler
 from dida.data.transforms import PseudoMarginMask, TestPipeline, TrainPipeline
+from dida.errors import DataError
 
 
 class SegmentationSource(Protocol):

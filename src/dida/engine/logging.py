@@ -37,15 +37,15 @@ class MetricWriter:
         self.stream = stream or sys.stdout
         self._t0 = time.perf_counter()
         self._it0 = start_iter
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1) if enabled else None  # noqa: SIM115
-        self._text = open(run_dir / "train.log", "a", buffering=1) if enabled else None  # noqa: SIM115
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1) if enabled else None
+        self._text = open(run_dir / "train.log", "a", buffering=1) if enabled else None
         self._tb = None
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(run_dir / "tb"))
-            except Exception:  # noqa: BLE001 (tensorboard missing or broken: the jsonl file is the record)
+            except Exception:
                 self._tb = None
 
     def line(self, text: str, *, stream: TextIO | None = None) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import shutil
 import signal
@@ -456,7 +457,7 @@ class _TrainingRun:
                                num_classes=cfg.model.num_classes, progress=False, max_images=cfg.eval.max_images)
             self.writer.log_eval(it, metrics, self.run_dir, class_names(cfg.model.num_classes))
             miou = float(metrics["mIoU"])
-            if miou == miou and (self.best is None or miou > self.best[0]):
+            if not math.isnan(miou) and (self.best is None or miou > self.best[0]):
                 self.best, improved = (miou, it), True
         dist_utils.barrier()
         self.state.student.train()
@@ -666,7 +667,7 @@ def _best_eval(path: Path) -> tuple[float, int] | None:
                 miou, it = float(row["mIoU"]), int(row["iter"])
             except (ValueError, KeyError, TypeError):
                 continue
-            if miou == miou and (best is None or miou > best[0]):
+            if not math.isnan(miou) and (best is None or miou > best[0]):
                 best = (miou, it)
     return best
 

@@ -19,11 +19,20 @@ from dida.models.mit import (
     mit_b4,
     mit_b5,
 )
-from dida.models.registry import BACKBONES, SEGMENTORS, BackboneEntry, SegmentorEntry, WeightFormat, build_model
+from dida.models.registry import (
+    BACKBONES,
+    SEGMENTORS,
+    BackboneEntry,
+    SegmentorEntry,
+    WeightFormat,
+    build_model,
+)
 from dida.models.segmentor import Segmentor, build_segmentor
 
 __all__ = [
     "BACKBONES",
+    "MIT_VARIANTS",
+    "SEGMENTORS",
     "BackboneEntry",
     "BaseSegmentor",
     "DAFormerHead",
@@ -31,9 +40,7 @@ __all__ = [
     "HRDAHead",
     "HRDAOutput",
     "HRDASegmentor",
-    "MIT_VARIANTS",
     "MixVisionTransformer",
-    "SEGMENTORS",
     "ScaleAttentionHead",
     "Segmentor",
     "SegmentorEntry",

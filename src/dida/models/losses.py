@@ -8,7 +8,7 @@ from torch import Tensor
 
 from dida.constants import IGNORE_INDEX
 
-__all__ = ["seg_ce", "seg_accuracy"]
+__all__ = ["seg_accuracy", "seg_ce"]
 
 
 def seg_ce(logits: Tensor, labels: Tensor, weight: Tensor | None = None,

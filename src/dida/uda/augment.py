@@ -22,8 +22,8 @@ device synchronisation. Inputs are never modified; every function returns new te
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import kornia
 import torch
@@ -33,10 +33,23 @@ from torch import Tensor
 from dida.constants import IMG_MEAN, IMG_STD
 
 __all__ = [
-    "AugmentGates", "draw_gates", "jitter_factors", "uniform", "host_to_device", "denormalize", "renormalize", "adjust_brightness",
+    "AugmentGates",
+    "adjust_brightness",
     "adjust_contrast",
-    "adjust_saturation", "adjust_hue", "color_jitter", "blur_kernel_size", "gaussian_kernel1d",
-    "gaussian_blur", "strong_augment", "weak_augment",
+    "adjust_hue",
+    "adjust_saturation",
+    "blur_kernel_size",
+    "color_jitter",
+    "denormalize",
+    "draw_gates",
+    "gaussian_blur",
+    "gaussian_kernel1d",
+    "host_to_device",
+    "jitter_factors",
+    "renormalize",
+    "strong_augment",
+    "uniform",
+    "weak_augment",
 ]
 
 _HSV_EPS = 1e-6  # kornia 0.5.8's rgb_to_hsv epsilon

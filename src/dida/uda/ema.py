@@ -108,5 +108,5 @@ class EMATeacher(nn.Module):
         predict = getattr(self.model, "predict", None)
         return predict(images) if callable(predict) else self.model(images)
 
-    def forward(self, images: Tensor) -> Any:  # noqa: D102 - alias of predict
+    def forward(self, images: Tensor) -> Any:
         return self.predict(images)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from dida.constants import IGNORE_INDEX
 
-__all__ = ["downscale_label_ratio", "thing_mask", "feature_distance_loss"]
+__all__ = ["downscale_label_ratio", "feature_distance_loss", "thing_mask"]
 
 
 def downscale_label_ratio(labels: Tensor, scale: int, min_ratio: float, num_classes: int,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["pseudo_labels", "confident_fraction", "pseudo_weight"]
+__all__ = ["confident_fraction", "pseudo_labels", "pseudo_weight"]
 
 
 def pseudo_labels(probs: Tensor) -> tuple[Tensor, Tensor]:

@@ -94,7 +94,7 @@ def extra_sections() -> dict[str, type]:
 
 def enabled_terms(cfg: Config) -> list[str]:
     """Names of the terms whose section says ``enabled: true``, in table order."""
-    return [name for name, spec in TERMS.items() if bool(getattr(getattr(cfg.uda, spec.section), "enabled"))]
+    return [name for name, spec in TERMS.items() if bool(getattr(cfg.uda, spec.section).enabled)]
 
 
 def build_terms(cfg: Config, ctx: TermBuildContext) -> dict[str, Term]:
