@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from dida.checkpoint import list_checkpoints, write_checkpoint
+from dida.checkpoint import list_checkpoints, resume_checkpoint, save_checkpoint, write_checkpoint
 from dida.engine.train import RunLock
 from dida.errors import DidaError
 
@@ -34,6 +34,21 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [i for i, _ in list_checkpoints(tmp_path)] == [2]
     assert torch.load(tmp_path / "latest.pth")["iteration"] == 2
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
+    assert resume_checkpoint(tmp_path) == tmp_path / "latest.pth"  # nothing saved: loading it says so
+    save_checkpoint(tmp_path / "iter_1.pth", {"iteration": 1})  # killed before the first link
+    assert resume_checkpoint(tmp_path) == tmp_path / "iter_1.pth"
+    write_checkpoint(tmp_path, 2, {"iteration": 2}, keep_last=None)
+    assert resume_checkpoint(tmp_path) == tmp_path / "latest.pth"  # the normal case
+    save_checkpoint(tmp_path / "iter_3.pth", {"iteration": 3})  # killed between the write and the link
+    assert resume_checkpoint(tmp_path) == tmp_path / "iter_3.pth"
+    (tmp_path / "latest.pth").unlink()
+    save_checkpoint(tmp_path / "latest.pth", {"iteration": 3})  # a copy (no hard links), up to date
+    assert resume_checkpoint(tmp_path) == tmp_path / "latest.pth"
+    (tmp_path / "latest.pth").write_bytes(b"torn")  # unreadable: the newest iter_N.pth instead
+    assert resume_checkpoint(tmp_path) == tmp_path / "iter_3.pth"
 
 
 def test_second_run_on_the_same_directory_is_refused(tmp_path):

@@ -99,6 +99,42 @@ def test_resume_reproduces_an_uninterrupted_run(data_root, tmp_path, method):
             assert torch.equal(sa[name], sb[name]), f"{key}.{name}"
 
 
+def test_resume_continues_from_a_checkpoint_written_but_not_yet_linked(data_root, tmp_path, capsys):
+    """A kill -9 between writing ``iter_N.pth`` and pointing ``latest.pth`` at it: the resume continues from
+    ``iter_N.pth`` (nothing computed is lost), links ``latest.pth`` to it, and ends where an uninterrupted run
+    ends."""
+    extra = ["train.max_iters=3", "train.checkpoint_interval=1"]
+    full = train(tiny(data_root, tmp_path / "full", *extra))
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copy(full / "config.yaml", part)
+    for name in ("iter_1.pth", "iter_2.pth"):
+        shutil.copy(full / name, part / name)
+    shutil.copy(full / "iter_1.pth", part / "latest.pth")  # a copy, lagging one checkpoint behind
+    (part / "metrics.jsonl").write_text("".join(
+        line + "\n" for line in (full / "metrics.jsonl").read_text().splitlines()[:2]))
+    from dida.cli import main
+
+    capsys.readouterr()
+    assert main(["train", "--resume", str(part)]) == 0
+    assert "from iteration 2" in capsys.readouterr().out
+    assert [r["iter"] for r in read_jsonl(part / "metrics.jsonl")] == [1, 2, 3]
+    wa = torch.load(full / "latest.pth", weights_only=True)
+    wb = torch.load(part / "latest.pth", weights_only=True)
+    assert wb["iteration"] == 3
+    for name in wa["model"]:
+        assert torch.equal(wa["model"][name], wb["model"][name]), name
+
+
+def test_a_new_run_is_refused_where_checkpoints_exist_without_latest(data_root, tmp_path):
+    run = tmp_path / "run"
+    train(tiny(data_root, run, "train.max_iters=1"))
+    (run / "latest.pth").unlink()  # a kill -9 before the first link: iter_1.pth alone
+    with pytest.raises(DidaError, match="--resume"):
+        train(tiny(data_root, run, "train.max_iters=1"))
+    assert (run / "iter_1.pth").is_file()
+
+
 def _no_timing(row: dict) -> dict:
     """A metrics row without its wall-clock and memory fields (they differ between any two runs)."""
     return {k: v for k, v in row.items() if not k.startswith(("time", "mem/"))}

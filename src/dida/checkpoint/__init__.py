@@ -31,6 +31,7 @@ from dida.checkpoint.training import (
     link_checkpoint,
     list_checkpoints,
     restore_training_state,
+    resume_checkpoint,
     training_state_dict,
     write_checkpoint,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "MMCV_PREFIXES", "TrainingState", "detect_format", "detect_weight_format",
     "infer_model_fields", "is_tensor_dict", "link_checkpoint", "list_checkpoints", "load_checkpoint", "load_pretrained",
     "load_state_dict_strict", "model_cfg_from_checkpoint", "read_checkpoint", "restore_training_state",
+    "resume_checkpoint",
     "save_checkpoint", "split_mmcv_state_dict", "strip_prefix", "training_state_dict", "unwrap",
     "write_checkpoint",
 ]

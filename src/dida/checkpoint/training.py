@@ -25,8 +25,8 @@ from dida.checkpoint.io import FORMAT_VERSION, read_checkpoint, save_checkpoint
 from dida.errors import CheckpointError
 from dida.io import atomic_path
 
-__all__ = ["CHECKPOINT_RE", "TrainingState", "link_checkpoint", "list_checkpoints", "restore_training_state", "training_state_dict",
-           "write_checkpoint"]
+__all__ = ["CHECKPOINT_RE", "TrainingState", "link_checkpoint", "list_checkpoints", "restore_training_state",
+           "resume_checkpoint", "training_state_dict", "write_checkpoint"]
 
 CHECKPOINT_RE = re.compile(r"^iter_(\d+)\.pth$")
 
@@ -62,6 +62,38 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
         if m:
             out.append((int(m.group(1)), p))
     return sorted(out)
+
+
+def resume_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint a resumed run continues from: the newest complete one.
+
+    That is ``latest.pth``, except after a kill between writing ``iter_N.pth`` and pointing ``latest.pth`` at
+    it; then ``iter_N.pth`` itself (nothing computed is lost). Reads nothing but ``latest.pth``'s iteration,
+    and that only where it is not a hard link to one of the ``iter_N.pth`` files.
+
+    Args:
+        run_dir: the run directory.
+
+    Returns:
+        ``run_dir/latest.pth`` or the newest ``iter_N.pth`` (``latest.pth`` when neither exists; loading it
+        then reports that the run never saved a checkpoint).
+    """
+    latest = Path(run_dir) / "latest.pth"
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return latest
+    newest_it, newest = ckpts[-1]
+    if not latest.exists():
+        return newest
+    linked = [it for it, p in ckpts if os.path.samefile(p, latest)]
+    if linked:
+        latest_it = linked[0]
+    else:  # a copy (no hard links on this file system), or a file whose iter_N.pth was pruned
+        try:
+            latest_it = int(read_checkpoint(latest).get("iteration", -1))
+        except CheckpointError:
+            return newest
+    return newest if newest_it > latest_it else latest
 
 
 def training_state_dict(state: TrainingState, config_yaml: str) -> dict[str, Any]:

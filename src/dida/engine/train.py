@@ -31,6 +31,7 @@ from dida.checkpoint import (
     link_checkpoint,
     list_checkpoints,
     restore_training_state,
+    resume_checkpoint,
     training_state_dict,
     write_checkpoint,
 )
@@ -310,7 +311,7 @@ def _check_run_dir(run_dir: Path, cfg: Config, *, resuming: bool, force: bool) -
     claim_output(run_dir, kind="dir", files=(), option="run.dir")  # a read-only or full disk: before any work
     if resuming:
         return
-    if (run_dir / "latest.pth").exists():
+    if (run_dir / "latest.pth").exists() or list_checkpoints(run_dir):
         raise DidaError(
             f"{run_dir}: this run directory already holds a checkpoint. Continue it with "
             f"`dida train --resume {run_dir}`, or choose another run.dir."
@@ -376,9 +377,13 @@ class _TrainingRun:
         self.writer.line(self.banner(resuming))
 
     def restore(self) -> None:
-        """Continue from ``run_dir/latest.pth``; drop log rows written after it (a kill -9 between log and save)."""
-        restore_training_state(self.run_dir / "latest.pth", self.state)
+        """Continue from the newest complete checkpoint (``latest.pth``, or an ``iter_N.pth`` a kill -9 left
+        unlinked, which is then linked); drop log rows written after it (a kill -9 between log and save)."""
+        path = resume_checkpoint(self.run_dir)
+        restore_training_state(path, self.state)
         if self.is_main:
+            if path.name != "latest.pth":
+                link_checkpoint(path, self.run_dir / "latest.pth")
             for name in ("metrics.jsonl", "eval.jsonl"):
                 _truncate_log(self.run_dir / name, self.state.iteration)
             print(f"Resuming {self.run_dir} from iteration {self.state.iteration}.", flush=True)
