@@ -47,8 +47,8 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
     (tmp_path / "latest.pth").unlink()
     save_checkpoint(tmp_path / "latest.pth", {"iteration": 3})  # a copy (no hard links), up to date
     assert resume_checkpoint(tmp_path) == tmp_path / "latest.pth"
-    (tmp_path / "latest.pth").write_bytes(b"torn")  # unreadable: the newest iter_N.pth instead
-    assert resume_checkpoint(tmp_path) == tmp_path / "iter_3.pth"
+    (tmp_path / "latest.pth").write_bytes(b"torn")  # damaged after the fact: loading it refuses it, with the reason
+    assert resume_checkpoint(tmp_path) == tmp_path / "latest.pth"
 
 
 def test_second_run_on_the_same_directory_is_refused(tmp_path):

@@ -69,7 +69,9 @@ def resume_checkpoint(run_dir: Path) -> Path:
 
     That is ``latest.pth``, except after a kill between writing ``iter_N.pth`` and pointing ``latest.pth`` at
     it; then ``iter_N.pth`` itself (nothing computed is lost). Reads nothing but ``latest.pth``'s iteration,
-    and that only where it is not a hard link to one of the ``iter_N.pth`` files.
+    and that only where it is not a hard link to one of the ``iter_N.pth`` files. A ``latest.pth`` damaged
+    after it was written is returned as is, so that the resume refuses it with the reason rather than
+    quietly continuing from another file.
 
     Args:
         run_dir: the run directory.
@@ -91,8 +93,8 @@ def resume_checkpoint(run_dir: Path) -> Path:
     else:  # a copy (no hard links on this file system), or a file whose iter_N.pth was pruned
         try:
             latest_it = int(read_checkpoint(latest).get("iteration", -1))
-        except CheckpointError:
-            return newest
+        except CheckpointError:  # damaged or unsafe after it was written (writes are atomic): loading it says so
+            return latest
     return newest if newest_it > latest_it else latest
 
 
