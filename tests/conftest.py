@@ -35,6 +35,16 @@ def tiny_model_kwargs() -> dict:
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: on tiny tensors thread start-up dominates and oversubscribes shared CI
+    cores. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 

@@ -24,3 +24,14 @@ def cli(*args: str) -> list[str]:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+class CreatesFile:
+    """A pickle payload that runs code when loaded: unpickling it calls ``open(path, "w")``, creating the file
+    (a safe loader must refuse it; the file's absence proves nothing ran)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))

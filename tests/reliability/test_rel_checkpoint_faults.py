@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from rel_helpers import read_jsonl, tiny_cfg
+from rel_helpers import CreatesFile, read_jsonl, tiny_cfg
 
 from dida.checkpoint import list_checkpoints, read_checkpoint, write_checkpoint
 from dida.cli import main
@@ -135,19 +135,11 @@ def test_resume_from_a_truncated_checkpoint_is_refused(rel_data, tmp_path, capsy
     assert not (run / "iter_3.pth").exists()
 
 
-class _CreatesFile:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (str(self.path), "w"))
-
-
 def test_resume_from_a_code_executing_pickle_is_refused(rel_data, tmp_path, capsys):
     run = _interrupted_run(rel_data, tmp_path)
     victim = tmp_path / "created_by_unpickling"
     ckpt = read_checkpoint(run / "latest.pth")
-    ckpt["meta"]["payload"] = _CreatesFile(victim)
+    ckpt["meta"]["payload"] = CreatesFile(victim)
     (run / "latest.pth").unlink()
     torch.save(ckpt, run / "latest.pth")
     capsys.readouterr()

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from rel_helpers import cli, data_overrides, tiny_cfg
+from rel_helpers import CreatesFile, cli, data_overrides, tiny_cfg
 from test_rel_outputs import one_error
 
 from dida.checkpoint import read_checkpoint
@@ -166,17 +166,9 @@ def test_crafted_checkpoints_give_one_line_naming_the_file(tiny_run, tmp_path, c
     assert not (tmp_path / "o").exists()
 
 
-class _Creates:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (str(self.path), "w"))
-
-
 def test_code_executing_pickles_of_every_protocol_get_the_refusal(tmp_path):
     marker = tmp_path / "created_by_unpickling"
-    payload = {"model": _Creates(marker)}
+    payload = {"model": CreatesFile(marker)}
     files = {f"protocol_{p}": pickle.dumps(payload, protocol=p) for p in (0, 1, 2, 3, 4, 5)}
     legacy = io.BytesIO()
     torch.save(payload, legacy, _use_new_zipfile_serialization=False)

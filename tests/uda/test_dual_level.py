@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from dida.uda import dual_level
 from dida.uda.dual_level import (
     calibrate,
     instance_loss,
@@ -25,6 +26,8 @@ from dida.uda.interpolation import (
     downsample_adjoint,
     resize_adjoint,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("size_in, size_out", [((8, 8), (32, 32)), ((7, 5), (19, 23)), ((6, 9), (6, 9)), ((5, 4), (3, 2))])
@@ -101,13 +104,15 @@ def test_semantic_term_chunked_equals_direct():
     assert semantic_term(bank, probs, e_w, 1.0) is probs
 
 
-def _inputs(seed=0, b=2, d=8, k=12, c=5, h=8, w=8):
+def _inputs(seed=0, b=2, d=8, k=12, c=5, h=8, w=8, logit=None):
+    """Bank, embeddings ``[B, D, h, w]`` and logits ``[B, C, *logit]`` (default: the embeddings' grid; HRDA's
+    fused logits are on a finer one)."""
     g = torch.Generator().manual_seed(seed)
     bank = InstanceBank(torch.rand(k, d, generator=g), torch.arange(k) % c)
     e_w = torch.rand(b, d, h, w, generator=g)  # post-ReLU: non-negative
     e_s = torch.rand(b, d, h, w, generator=g).requires_grad_(True)
     # logits kept positive so the calibration denominator stays away from 0 (else q is ill-conditioned)
-    z = torch.rand(b, c, h, w, generator=g) * 2 + 1
+    z = torch.rand(b, c, *(logit or (h, w)), generator=g) * 2 + 1
     return bank, e_w, e_s, z
 
 
@@ -212,3 +217,48 @@ def test_instance_term_on_cuda_in_deterministic_mode(monkeypatch):
         torch.use_deterministic_algorithms(False)
     assert_close(loss.cpu(), ref, rtol=1e-5, atol=1e-6)
     assert_close(g.cpu(), g_ref, rtol=1e-4, atol=1e-9)
+
+
+# ------------------------------------------- logits on their own grid (HRDA: fused logits at H/4, embedding at H/8)
+
+
+@pytest.mark.parametrize("cal", [True, False])
+@pytest.mark.parametrize("chunk_rows", [0, 1, 5, 64])
+@pytest.mark.parametrize("grids", [((8, 8), (16, 16), (32, 32)), ((7, 9), (13, 17), (28, 36))])
+def test_instance_term_with_logits_on_their_own_grid(cal, chunk_rows, grids):
+    emb, logit, out_size = grids
+    bank, e_w, e_s, z = _inputs(h=emb[0], w=emb[1], logit=logit)
+    ref = _reference(bank, e_w, e_s, z, out_size, 0.5, cal)
+    (g_ref,) = torch.autograd.grad(ref, e_s)
+    loss = instance_term(bank, e_w, e_s, z, out_size, weight=0.5, calibrate=cal, chunk_rows=chunk_rows)
+    (g,) = torch.autograd.grad(loss, e_s)
+    assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert_close(g, g_ref, rtol=1e-4, atol=1e-9)
+
+
+def test_chunked_and_direct_agree_and_the_chunked_one_never_builds_a_full_map(monkeypatch):
+    bank, e_w, e_s, z = _inputs(k=20, h=16, w=16, logit=(32, 32))
+    out_size = (128, 128)  # HRDA: embedding at 1/8, logits at 1/4 of the crop
+    direct = instance_term(bank, e_w, e_s, z, out_size, chunk_rows=0)
+    (g_direct,) = torch.autograd.grad(direct, e_s)
+    heights: list[int] = []
+    original = RowChunkUpsampler.up
+
+    def spy(self, x, r0, r1):
+        out = original(self, x, r0, r1)
+        heights.append(out.shape[-2])
+        return out
+
+    monkeypatch.setattr(RowChunkUpsampler, "up", spy)
+    monkeypatch.setattr(dual_level, "resize", lambda *a, **k: pytest.fail("full-resolution resize"))
+    chunked = instance_term(bank, e_w, e_s, z, out_size, chunk_rows=16)
+    (g_chunked,) = torch.autograd.grad(chunked, e_s)
+    assert_close(chunked, direct, rtol=1e-5, atol=1e-6)
+    assert_close(g_chunked, g_direct, rtol=1e-4, atol=1e-9)
+    assert heights and max(heights) <= 16  # every upsampled map is one chunk of rows, never [B, K, H, W]
+
+
+def test_embeddings_must_share_a_grid():
+    bank, e_w, e_s, z = _inputs(logit=(16, 16))
+    with pytest.raises(ValueError, match="one resolution"):
+        instance_term(bank, e_w[..., :4], e_s, z, (32, 32))

@@ -1,7 +1,6 @@
-"""HRDA inside the self-training step (hrda_mic.md 3) and DIDA's terms on HRDA.
+"""HRDA inside the self-training step (hrda_mic.md 3) and DIDA's terms on HRDA (the instance term with
+logits on their own grid is tested in test_dual_level.py).
 
-- DIDA's instance term with the calibration logits on their own grid (HRDA: fused logits at H/4, context
-  embedding at H/8): the memory-bounded computation equals the direct one, values and gradients;
 - one DAFormer + MIC + DIDA step on the tiny HRDA model, checked against spec 3.2-3.7: the teacher predicts
   on the whole target crop (context of the whole crop, sliding detail windows, BatchNorm in train mode,
   dropout off), ClassMix and augmentation at full resolution, the feature distance at the context scale, a
@@ -13,97 +12,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.testing import assert_close
 
 from dida.config import load_config
 from dida.models import build_model
-from dida.uda import dual_level
-from dida.uda.dual_level import instance_term
 from dida.uda.ema import EMATeacher
-from dida.uda.instance_bank import InstanceBank
-from dida.uda.interpolation import RowChunkUpsampler
 from dida.uda.step import build_step
 from dida.uda.terms import TermBuildContext, build_terms
 
 CROP, DETAIL = 64, 48
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-# ---------------------------------------------------------------- the instance term on mismatched grids
-
-
-def _inputs(seed=0, b=2, d=8, k=12, c=5, emb=(8, 8), logit=(16, 16)):
-    g = torch.Generator().manual_seed(seed)
-    bank = InstanceBank(torch.rand(k, d, generator=g), torch.arange(k) % c)
-    e_w = torch.rand(b, d, *emb, generator=g)
-    e_s = torch.rand(b, d, *emb, generator=g).requires_grad_(True)
-    z = torch.rand(b, c, *logit, generator=g) * 2 + 1  # positive: a well-conditioned calibration
-    return bank, e_w, e_s, z
-
-
-def _reference(bank, e_w, e_s, z, out_size, weight, cal):
-    """Written from spec 6.6/6.7: every map upsampled to the crop size on its own, then the formulas."""
-    up = lambda x: F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
-    s = torch.einsum("bdhw,kd->bkhw", up(e_w), bank.features)
-    if cal:
-        g = up(z)[:, bank.labels]
-        q = s * g / (s * g).sum(1, keepdim=True)
-    else:
-        q = s / s.sum(1, keepdim=True)
-    p_raw = torch.einsum("bdhw,kd->bkhw", up(e_s), bank.features)
-    p = p_raw / p_raw.sum(1, keepdim=True)
-    return weight * (-(q * torch.log(p + 1e-10)).sum(1)).mean()
-
-
-@pytest.mark.parametrize("cal", [True, False])
-@pytest.mark.parametrize("chunk_rows", [0, 1, 5, 64])
-@pytest.mark.parametrize("grids", [((8, 8), (16, 16), (32, 32)), ((7, 9), (13, 17), (28, 36))])
-def test_instance_term_with_logits_on_their_own_grid(cal, chunk_rows, grids):
-    emb, logit, out_size = grids
-    bank, e_w, e_s, z = _inputs(emb=emb, logit=logit)
-    ref = _reference(bank, e_w, e_s, z, out_size, 0.5, cal)
-    (g_ref,) = torch.autograd.grad(ref, e_s)
-    loss = instance_term(bank, e_w, e_s, z, out_size, weight=0.5, calibrate=cal, chunk_rows=chunk_rows)
-    (g,) = torch.autograd.grad(loss, e_s)
-    assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    assert_close(g, g_ref, rtol=1e-4, atol=1e-9)
-
-
-def test_chunked_and_direct_agree_and_the_chunked_one_never_builds_a_full_map(monkeypatch):
-    bank, e_w, e_s, z = _inputs(k=20, emb=(16, 16), logit=(32, 32))
-    out_size = (128, 128)  # HRDA: embedding at 1/8, logits at 1/4 of the crop
-    direct = instance_term(bank, e_w, e_s, z, out_size, chunk_rows=0)
-    (g_direct,) = torch.autograd.grad(direct, e_s)
-    heights: list[int] = []
-    original = RowChunkUpsampler.up
-
-    def spy(self, x, r0, r1):
-        out = original(self, x, r0, r1)
-        heights.append(out.shape[-2])
-        return out
-
-    monkeypatch.setattr(RowChunkUpsampler, "up", spy)
-    monkeypatch.setattr(dual_level, "resize", lambda *a, **k: pytest.fail("full-resolution resize"))
-    chunked = instance_term(bank, e_w, e_s, z, out_size, chunk_rows=16)
-    (g_chunked,) = torch.autograd.grad(chunked, e_s)
-    assert_close(chunked, direct, rtol=1e-5, atol=1e-6)
-    assert_close(g_chunked, g_direct, rtol=1e-4, atol=1e-9)
-    assert heights and max(heights) <= 16  # every upsampled map is one chunk of rows, never [B, K, H, W]
-
-
-def test_embeddings_must_share_a_grid():
-    bank, e_w, e_s, z = _inputs(emb=(8, 8), logit=(16, 16))
-    with pytest.raises(ValueError, match="one resolution"):
-        instance_term(bank, e_w[..., :4], e_s, z, (32, 32))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -------------------------------------------------------------------------------- the HRDA step

@@ -27,12 +27,7 @@ from dida.uda.terms.mic import MaskedConsistencyTerm, build, color_augment
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _term(**kw) -> MaskedConsistencyTerm:
